@@ -1,0 +1,94 @@
+"""Orbax checkpoints of a training workdir.
+
+Each step directory <workdir>/checkpoints/<step>/ holds three items:
+  train_state  {step, params, opt_state}: what training resumes from;
+  ema_params   the EMA weights, which sampling and evaluation read alone;
+  config       the run's config as JSON, so a checkpoint is self-describing.
+Saves are asynchronous and atomic (written to a temporary directory, then renamed), so a reader
+never sees a half-written step. Every process calls these functions: Orbax coordinates them.
+"""
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from cfdg_jax import sharding
+from cfdg_jax import unet
+
+ITEMS = ("train_state", "ema_params", "config")
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def create_manager(workdir: str, *, save_every: int = 1, keep: int | None = None,
+                   read_only: bool = False) -> ocp.CheckpointManager:
+  """A manager for <workdir>/checkpoints that saves every `save_every` steps, keeping `keep`."""
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=0 if read_only else save_every, max_to_keep=keep, create=not read_only,
+      read_only=read_only, enable_async_checkpointing=not read_only)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         config: ml_collections.ConfigDict, *, force: bool = False) -> bool:
+  """Starts an asynchronous save of `state` (a TrainState) at `step`; returns whether it saves."""
+  train_state = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+  return manager.save(step, args=ocp.args.Composite(
+      train_state=ocp.args.StandardSave(train_state),
+      ema_params=ocp.args.StandardSave(state.ema_params),
+      config=ocp.args.JsonSave(config.to_dict())), force=force)
+
+
+def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
+  """Restores a TrainState laid out (shapes, dtypes, shardings) like `abstract_state`."""
+  target = {"step": abstract_state.step, "params": abstract_state.params,
+            "opt_state": abstract_state.opt_state}
+  restored = manager.restore(step, args=ocp.args.Composite(
+      train_state=ocp.args.StandardRestore(target),
+      ema_params=ocp.args.StandardRestore(abstract_state.ema_params)))
+  return abstract_state.replace(**restored.train_state, ema_params=restored.ema_params)
+
+
+def restore_ema_params(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:
+  """Restores only the EMA parameters (the optimizer state is never read)."""
+  restored = manager.restore(step, args=ocp.args.Composite(
+      ema_params=ocp.args.StandardRestore(abstract_params)))
+  return restored.ema_params
+
+
+def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
+  restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  return ml_collections.ConfigDict(restored.config)
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying the target shardings, for restoring straight onto the mesh."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def load_ema_params(workdir: str, mesh: jax.sharding.Mesh, step: int | None = None
+                    ) -> tuple[ml_collections.ConfigDict, int, Any, Any]:
+  """The config, step, EMA parameters and their shardings of a workdir's checkpoint.
+
+  `step` defaults to the newest. Raises FileNotFoundError / ValueError naming what is missing.
+  """
+  manager = create_manager(workdir, read_only=True)
+  steps = manager.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"No checkpoints in {checkpoint_dir(workdir)}; train first "
+                            "(python -m cfdg_jax.train) or point --workdir at a training run.")
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise ValueError(f"No checkpoint at step {step} in {checkpoint_dir(workdir)}; "
+                     f"available: {sorted(steps)}.")
+  config = restore_config(manager, step)
+  model = unet.create_model(config)
+  abstract = jax.eval_shape(lambda rng: unet.init_params(rng, model, config), jax.random.key(0))
+  shardings = sharding.tree_shardings(abstract, mesh, config.sharding)
+  params = restore_ema_params(manager, step, abstract_with_shardings(abstract, shardings))
+  return config, step, params, shardings

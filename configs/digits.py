@@ -1,0 +1,68 @@
+"""Default config: scikit-learn's 8x8 handwritten digits, trainable on a 2-core CPU in ~10 minutes.
+
+  python -m cfdg_jax.train --config configs/digits.py --workdir /tmp/cfdg_digits
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "digits"  # Any TFDS image classification data set.
+  config.data.split = "train"
+  # Optional strings are typed placeholders so that --config.data.data_dir=... can set them.
+  config.data.data_dir = ml_collections.config_dict.placeholder(str)  # None: ~/tensorflow_datasets.
+  config.data.manual_dir = ml_collections.config_dict.placeholder(str)  # Local original files.
+  config.data.image_size = 8
+  config.data.channels = 1
+  config.data.num_classes = 10
+  config.data.random_flip = False  # Digits are not mirror-symmetric.
+  config.data.shuffle_buffer = 10_000
+  config.data.cache = True  # Small data set: keep the decoded images in memory.
+
+  config.model = ml_collections.ConfigDict()
+  config.model.base_channels = 64
+  config.model.channel_mult = (1, 2)
+  config.model.num_res_blocks = 2
+  config.model.attn_resolutions = (4,)  # Feature-map sizes (pixels) that get self-attention.
+  config.model.head_channels = 32
+  config.model.dropout = 0.1
+  config.model.resblock_updown = False
+  config.model.dtype = "float32"  # Compute dtype; "bfloat16" on TPU/GPU. Parameters stay float32.
+
+  config.diffusion = ml_collections.ConfigDict()
+  config.diffusion.logsnr_min = -20.0
+  config.diffusion.logsnr_max = 20.0
+  config.diffusion.p_uncond = 0.2  # Probability of training on the null label.
+  config.diffusion.prediction = "eps"  # What the network predicts: "eps" (paper) or "v".
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.warmup_steps = 200
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.99
+  config.optimizer.eps = 1e-8
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.grad_clip = 1.0
+
+  config.batch_size = 128  # Global, split over all devices.
+  config.num_train_steps = 4000
+  config.ema_decay = 0.999
+  config.log_every = 50
+  config.checkpoint_every = 1000
+  config.keep_checkpoints = 3
+  config.sample_every = 2000
+
+  config.sample = ml_collections.ConfigDict()
+  config.sample.num_steps = 128  # T in the paper's Algorithm 2.
+  config.sample.v = 0.3  # Variance interpolation exponent.
+  config.sample.clip_x = True  # Clip the predicted x to [-1, 1] at every step.
+  config.sample.guidance = (0.0, 1.0, 3.0)  # w values shown in the training sample grids.
+  config.sample.num_per_class = 8
+
+  config.sharding = ml_collections.ConfigDict()
+  config.sharding.fsdp = False  # Shard large parameters over the data axis (ZeRO-3 style).
+  config.sharding.fsdp_min_size = 2**18  # Parameters smaller than this stay replicated.
+  return config

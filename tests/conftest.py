@@ -1,0 +1,25 @@
+"""Shared test setup.
+
+Two virtual CPU devices let the tests exercise the sharded (data-parallel) code paths on a laptop;
+the flag must be set before JAX initialises its backend.
+"""
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+  """../shared/data (MNIST, Fashion-MNIST, FID Inception); skipped only outside CI when absent."""
+  if not SHARED_DATA.is_dir():
+    if os.environ.get("CI"):
+      pytest.fail(f"{SHARED_DATA} is missing; CI must run with ../shared beside the checkout.")
+    pytest.skip(f"{SHARED_DATA} is absent: these tests need the offline data files.")
+  return SHARED_DATA

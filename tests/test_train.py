@@ -1,0 +1,201 @@
+"""End to end on digits: train, checkpoint, resume, restore and sample; compile counts; bad input."""
+import contextlib
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax import monitoring
+
+from cfdg_jax import checkpointing
+from cfdg_jax import input_pipeline
+from cfdg_jax import sampler
+from cfdg_jax import sharding
+from cfdg_jax import trainer
+from cfdg_jax import unet
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+_compiles = []
+monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: _compiles.append(event)
+    if event == "/jax/core/compile/backend_compile_duration" else None)
+
+
+@contextlib.contextmanager
+def count_compiles():
+  """Counts XLA backend compilations inside the block; yields a list whose len is the count."""
+  start = len(_compiles)
+  seen = []
+  yield seen
+  seen.extend(_compiles[start:])
+
+
+def load_digits_config():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("digits_config", REPO / "configs" / "digits.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def tiny_config(data_dir, **overrides):
+  config = load_digits_config()
+  config.data.data_dir = data_dir
+  config.model.base_channels = 16
+  config.model.num_res_blocks = 1
+  config.model.head_channels = 16
+  config.batch_size = 16
+  config.num_train_steps = 6
+  config.log_every = 2
+  config.checkpoint_every = 3
+  config.sample_every = 6
+  config.sample.num_steps = 6
+  config.sample.num_per_class = 1
+  config.sample.guidance = (0.0, 2.0)
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return config
+
+
+@pytest.mark.slow
+def test_train_checkpoint_restore_sample_and_resume(tmp_path, data_dir):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(data_dir)
+  state = trainer.train_and_evaluate(config, workdir)
+  assert int(state.step) == 6
+  manager = checkpointing.create_manager(workdir, read_only=True)
+  assert manager.all_steps() == [3, 6]
+  assert (tmp_path / "run" / "samples_00000006.png").stat().st_size > 0
+  assert (tmp_path / "run" / "config.json").exists()
+  assert list((tmp_path / "run").glob("events.out.tfevents*"))  # TensorBoard scalars.
+
+  # Sampling from the restored EMA weights gives the images of the in-memory state.
+  mesh = sharding.create_mesh()
+  restored_config, step, params, params_sharding = checkpointing.load_ema_params(workdir, mesh)
+  assert step == 6 and restored_config.to_json(sort_keys=True) == config.to_json(sort_keys=True)
+  model = unet.create_model(restored_config)
+  sample_fn = sampler.make_sample_fn(model, restored_config, mesh, params_sharding)
+  labels, w = sampler.class_sweep(10, 2, (0.0, 3.0))
+  rng = jax.random.key(5)
+  from_disk = sampler.generate(sample_fn, params, rng, labels, w, mesh)
+  from_memory = sampler.generate(sample_fn, state.ema_params, rng, labels, w, mesh)
+  assert from_disk.shape == (40, 8, 8, 1) and from_disk.dtype == np.uint8
+  np.testing.assert_array_equal(from_disk, from_memory)
+  jax.tree.map(np.testing.assert_array_equal, params, state.ema_params)
+
+  # A second run with a longer schedule resumes at step 6 (it does not start over).
+  longer = tiny_config(data_dir, num_train_steps=9)
+  resumed = trainer.train_and_evaluate(longer, workdir)
+  assert int(resumed.step) == 9
+  assert checkpointing.create_manager(workdir, read_only=True).all_steps() == [3, 6, 9]
+  # And a run whose workdir already holds the last step does nothing.
+  with count_compiles() as compiles:
+    assert trainer.train_and_evaluate(longer, workdir) is None
+  assert not compiles
+
+  # A different architecture is refused before anything is overwritten.
+  with pytest.raises(ValueError, match="config.model"):
+    trainer.train_and_evaluate(tiny_config(data_dir, **{"model.base_channels": 32,
+                                                        "num_train_steps": 12}), workdir)
+  assert checkpointing.create_manager(workdir, read_only=True).all_steps() == [3, 6, 9]
+
+
+@pytest.mark.slow
+def test_train_step_and_sampler_compile_once(data_dir):
+  config = tiny_config(data_dir)
+  mesh = sharding.create_mesh()
+  model, tx = unet.create_model(config), trainer.create_optimizer(config)
+  init = lambda rng: trainer.init_state(rng, model=model, tx=tx, config=config)
+  state_sharding = sharding.tree_shardings(jax.eval_shape(init, jax.random.key(0)), mesh,
+                                           config.sharding)
+  state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(0))
+  step_fn = trainer.make_train_step(model, tx, config, mesh, state_sharding)
+  batches = input_pipeline.create_train_iterator(config.data, global_batch_size=16, seed=0)
+  host_batches = [next(batches) for _ in range(5)]
+  rng = jax.random.key(1)
+  state, _ = step_fn(state, sharding.shard_batch(host_batches[0], mesh), rng)
+  with count_compiles() as compiles:
+    for batch in host_batches[1:]:
+      state, metrics = step_fn(state, sharding.shard_batch(batch, mesh), rng)
+    jax.block_until_ready(metrics)
+  assert not compiles, compiles
+  assert int(state.step) == 5
+
+  sample_fn = sampler.make_sample_fn(model, config, mesh, state_sharding.ema_params)
+  sampler.generate(sample_fn, state.ema_params, rng, np.arange(10), 0.0, mesh)
+  with count_compiles() as compiles:
+    for w in (1.0, 3.0, np.linspace(0.0, 4.0, 10)):
+      sampler.generate(sample_fn, state.ema_params, rng, np.arange(10)[::-1], w, mesh)
+  assert not compiles, compiles
+
+
+def test_bad_configs_fail_before_compiling(data_dir):
+  with count_compiles() as compiles:
+    with pytest.raises(ValueError, match="divisible by the 2 devices"):
+      trainer.check_config(tiny_config(data_dir, batch_size=15))
+    with pytest.raises(ValueError, match="p_uncond"):
+      trainer.check_config(tiny_config(data_dir, **{"diffusion.p_uncond": 1.5}))
+    with pytest.raises(ValueError, match="prediction"):
+      trainer.check_config(tiny_config(data_dir, **{"diffusion.prediction": "x0"}))
+    with pytest.raises(ValueError, match="image_size"):
+      trainer.check_config(tiny_config(data_dir, **{"model.channel_mult": (1, 2, 2, 2, 2)}))
+    with pytest.raises(ValueError, match="dtype"):
+      trainer.check_config(tiny_config(data_dir, **{"model.dtype": "float17"}))
+  assert not compiles
+
+
+@pytest.mark.slow
+def test_wrong_num_classes_fails_before_compiling(tmp_path, data_dir):
+  with count_compiles() as compiles:
+    with pytest.raises(ValueError, match="num_classes=10"):
+      trainer.train_and_evaluate(tiny_config(data_dir, **{"data.num_classes": 12}),
+                                 str(tmp_path / "bad"))
+  assert not compiles
+
+
+def _run(module, *args):
+  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="")
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_command_line_train_then_sample(tmp_path, data_dir):
+  workdir = str(tmp_path / "cli")
+  flags = ["--config", "configs/digits.py", "--workdir", workdir,
+           f"--config.data.data_dir={data_dir}", "--config.num_train_steps=2",
+           "--config.batch_size=8", "--config.model.base_channels=16",
+           "--config.model.num_res_blocks=1", "--config.model.head_channels=16",
+           "--config.log_every=1", "--config.sample.num_steps=3",
+           "--config.sample.num_per_class=1"]
+  result = _run("cfdg_jax.train", *flags)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "steps/s" in result.stderr and "ETA" in result.stderr  # Progress is shown.
+  again = _run("cfdg_jax.train", *flags)
+  assert again.returncode == 0 and "nothing to do" in again.stderr
+
+  out, npz = tmp_path / "grid.png", tmp_path / "samples.npz"
+  result = _run("cfdg_jax.sample", "--workdir", workdir, "--guidance", "0,1,3",
+                "--num_per_class", "2", "--steps", "4", "--out", str(out), "--npz", str(npz))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert out.stat().st_size > 0
+  data = np.load(npz)
+  assert data["images"].shape == (60, 8, 8, 1) and data["images"].dtype == np.uint8
+  np.testing.assert_array_equal(data["labels"], np.tile(np.repeat(np.arange(10), 2), 3))
+  np.testing.assert_array_equal(data["w"], np.repeat([0.0, 1.0, 3.0], 20))
+
+  missing = _run("cfdg_jax.sample", "--workdir", str(tmp_path / "nowhere"))
+  assert missing.returncode != 0 and "No checkpoints" in missing.stderr
