@@ -63,10 +63,10 @@ def main(argv):
   v = config.sample.v if FLAGS.v_exponent is None else FLAGS.v_exponent
   sample_fn = sampler.make_sample_fn(model, config, mesh, params_sharding,
                                      num_steps=num_steps, v=v)
-  labels, w = sampler.class_sweep(config.data.num_classes, FLAGS.num_per_class, guidance)
+  labels, w, ids = sampler.class_sweep(config.data.num_classes, FLAGS.num_per_class, guidance)
   logging.info("Sampling %d images from step %d (T = %d, v = %g, w = %s).", labels.size, step,
                num_steps, v, FLAGS.guidance)
-  samples = sampler.generate(sample_fn, params, jax.random.key(FLAGS.seed), labels, w, mesh)
+  samples = sampler.generate(sample_fn, params, jax.random.key(FLAGS.seed), labels, w, mesh, ids)
 
   if jax.process_index() == 0:
     out = FLAGS.out or str(epath.Path(FLAGS.workdir) / f"sample_{step}.png")

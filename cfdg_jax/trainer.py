@@ -191,7 +191,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   step_fn = make_train_step(model, tx, config, mesh, state_sharding)
   sample_fn = sampler.make_sample_fn(model, config, mesh, state_sharding.ema_params)
   sweep = tuple(config.sample.guidance)
-  sweep_labels, sweep_w = sampler.class_sweep(config.data.num_classes, config.sample.num_per_class, sweep)
+  sweep_labels, sweep_w, sweep_ids = sampler.class_sweep(config.data.num_classes,
+                                                         config.sample.num_per_class, sweep)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
   report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer,
@@ -213,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if step % config.sample_every == 0 or is_last:
       with report.timed("sample"):
         samples = sampler.generate(sample_fn, state.ema_params, jax.random.fold_in(rng_sample, step),
-                                   sweep_labels, sweep_w, mesh)
+                                   sweep_labels, sweep_w, mesh, sweep_ids)
         if is_chief:
           path = os.path.join(workdir, f"samples_{step:08d}.png")
           images.write_sample_grid(path, samples, config.data.num_classes, sweep,

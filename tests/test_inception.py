@@ -2,12 +2,14 @@
 import contextlib
 import gzip
 import io
+import os
 import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import threadpoolctl
 from PIL import Image
 
 from cfdg_jax.eval import inception
@@ -98,8 +100,8 @@ def _torch_features(torch, detector, x_nchw):
 def _nvlabs_resize(torch, x):
   """The NVlabs detector's resize of float NCHW to 299x299, reproducing TF1's ResizeBilinear.
 
-  affine_grid (align_corners=False) puts output column j at (2j + 1) / 299 - 1; shifting it by
-  1/w - 1/299 makes grid_sample read source pixel ((x + 1) w - 1) / 2 = j·w/299, TF's legacy mapping.
+  affine_grid (align_corners=False) puts output column j at u = (2j + 1) / 299 - 1; shifting u by
+  1/w - 1/299 makes grid_sample read source pixel ((u + 1) w - 1) / 2 = j·w/299, TF's legacy mapping.
   """
   n, c, h, w = x.shape
   theta = torch.tensor([[1, 0, 1 / w - 1 / 299], [0, 1, 1 / h - 1 / 299]], dtype=torch.float32)
@@ -204,7 +206,7 @@ def pytorch_fid_state(torch, detector):
 
 @pytest.fixture(scope="session")
 def pytorch_fid_weights(torch, converter, pytorch_fid_state, tmp_path_factory):
-  """(converted file, CLI output) of the synthetic pytorch-fid .pth, saved in torch's legacy format as in 2019."""
+  """(converted file, CLI output) of the synthetic pytorch-fid .pth, in torch's legacy format as in 2019."""
   tmp = tmp_path_factory.mktemp("pytorch_fid")
   torch.save(pytorch_fid_state, tmp / "pt_inception.pth", _use_new_zipfile_serialization=False)
   with contextlib.redirect_stdout(io.StringIO()) as out:
@@ -238,7 +240,8 @@ def _digits_at(digits, size):
   """Six digits [6, size, size, 1] uint8, upsampled with PIL's bicubic filter."""
   if size == 28:
     return digits[:6, ..., None]
-  return np.stack([np.asarray(Image.fromarray(d).resize((size, size), Image.BICUBIC)) for d in digits[:6]])[..., None]
+  resized = [np.asarray(Image.fromarray(d).resize((size, size), Image.BICUBIC)) for d in digits[:6]]
+  return np.stack(resized)[..., None]
 
 
 @pytest.mark.slow
@@ -275,8 +278,12 @@ def test_logits_are_pool3_times_fc_kernel(pytorch_fid_state, pytorch_fid_weights
   pool = inception.make_feature_fn(inception.load_params(weights), BATCH)(images)["pool"]
   np.testing.assert_allclose(out["pool"], pool, rtol=1e-6, atol=1e-6)
   w = pytorch_fid_state["fc.weight"].numpy().astype(np.float64)
-  # No bias: the original Inception Score code multiplies pool3 by the softmax weights only.
-  np.testing.assert_allclose(out["logits"], out["pool"] @ w.T, rtol=1e-4, atol=1e-4)
+  bias = pytorch_fid_state["fc.bias"].numpy()
+  # No bias by default: the original Inception Score code multiplies pool3 by the softmax weights only.
+  np.testing.assert_allclose(out["logits"], out["pool"] @ w.T, rtol=1e-5, atol=1e-5)
+  fc = {"params": inception.load_params(pytorch_fid_weights[0])["params"]["fc"]}
+  np.testing.assert_allclose(inception.Logits(use_bias=True).apply(fc, out["pool"]),
+                             out["pool"] @ w.T + bias, rtol=1e-5, atol=1e-5)
 
 
 # The fid command line.
@@ -287,7 +294,10 @@ def test_fid_end_to_end(weights, digits, tmp_path):
   a, b = tmp_path / "a.npz", tmp_path / "b.npz"
   np.savez(a, images=digits[:12, ..., None])  # Grayscale N×H×W×1, as cfdg_jax.sample writes digits.
   np.savez(b, images=np.repeat(digits[12:24, ..., None], 3, axis=-1), labels=np.arange(12))
-  value = fid.compute_fid(str(a), str(b), str(weights), batch_size=BATCH, save_stats=str(tmp_path / "a_stats.npz"))
+  # On a busy 2-core machine OpenBLAS's spinning threads make a 2048x2048 eigh 10x slower than one thread.
+  with threadpoolctl.threadpool_limits(1, user_api="blas"):
+    value = fid.compute_fid(str(a), str(b), str(weights), batch_size=BATCH,
+                            save_stats=str(tmp_path / "a_stats.npz"))
   assert np.isfinite(value) and value > 1
   feature_fn = inception.make_feature_fn(inception.load_params(weights), BATCH)
   stats_a = metrics.stats_from_features(feature_fn(digits[:12, ..., None])["pool"])
@@ -297,7 +307,8 @@ def test_fid_end_to_end(weights, digits, tmp_path):
   # The same FID from statistics files alone (no weights needed), through the command line.
   metrics.save_stats(tmp_path / "b_stats.npz", *stats_b)
   run = subprocess.run([sys.executable, "-m", "cfdg_jax.eval.fid", str(tmp_path / "a_stats.npz"),
-                        str(tmp_path / "b_stats.npz")], cwd=REPO, capture_output=True, text=True, check=True)
+                        str(tmp_path / "b_stats.npz")], cwd=REPO, capture_output=True, text=True, check=True,
+                       env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
   assert float(run.stdout.split("FID:")[1]) == pytest.approx(value, rel=1e-5)
   with pytest.raises(ValueError, match="--weights is required"):
     fid.compute_fid(str(a), str(tmp_path / "b_stats.npz"), None)

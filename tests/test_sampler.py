@@ -24,9 +24,9 @@ def gaussian_eps(z, logsnr, labels):
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps", "v", "clip_x"))
-def run(rng, labels, w, num_steps=256, v=0.3, clip_x=False):
+def run(rng, labels, w, num_steps=256, v=0.3, clip_x=False, ids=None):
   return sampler.sample(gaussian_eps, rng, labels, w, image_shape=SHAPE, num_steps=num_steps,
-                        v=v, null_label=NUM_CLASSES, clip_x=clip_x)
+                        v=v, null_label=NUM_CLASSES, clip_x=clip_x, ids=ids)
 
 
 def test_sampling_logsnrs_run_from_noisy_to_clean():
@@ -123,3 +123,21 @@ def test_clip_x_keeps_samples_in_range_and_uint8_conversion():
   u8 = sampler.to_uint8(jnp.array([-1.0, -0.999, 0.0, 0.999, 1.0, 1.5]))
   np.testing.assert_array_equal(u8, [0, 0, 128, 255, 255, 255])
   assert u8.dtype == jnp.uint8
+
+
+def test_noise_follows_ids_not_batch_position():
+  labels = jnp.array([0, 1, 2, 1])
+  batch = run(jax.random.key(3), labels, 0.0, num_steps=8)
+  alone = run(jax.random.key(3), labels[2:3], 0.0, num_steps=8, ids=jnp.array([2]))
+  np.testing.assert_array_equal(alone[0], batch[2])
+  # Equal ids share their noise: same id and label give the same sample, another id does not.
+  shared = run(jax.random.key(3), labels, 0.0, num_steps=8, ids=jnp.array([5, 5, 6, 5]))
+  np.testing.assert_array_equal(shared[1], shared[3])
+  assert not np.allclose(shared[0], shared[2])
+
+
+def test_class_sweep_layout():
+  labels, w, ids = sampler.class_sweep(3, 2, (0.0, 1.5))
+  np.testing.assert_array_equal(labels, [0, 0, 1, 1, 2, 2] * 2)
+  np.testing.assert_array_equal(w, [0.0] * 6 + [1.5] * 6)
+  np.testing.assert_array_equal(ids, list(range(6)) * 2)

@@ -88,13 +88,16 @@ def test_train_checkpoint_restore_sample_and_resume(tmp_path, data_dir):
   assert step == 6 and restored_config.to_json(sort_keys=True) == config.to_json(sort_keys=True)
   model = unet.create_model(restored_config)
   sample_fn = sampler.make_sample_fn(model, restored_config, mesh, params_sharding)
-  labels, w = sampler.class_sweep(10, 2, (0.0, 3.0))
+  labels, w, ids = sampler.class_sweep(10, 2, (0.0, 3.0))
   rng = jax.random.key(5)
-  from_disk = sampler.generate(sample_fn, params, rng, labels, w, mesh)
-  from_memory = sampler.generate(sample_fn, state.ema_params, rng, labels, w, mesh)
+  from_disk = sampler.generate(sample_fn, params, rng, labels, w, mesh, ids)
+  from_memory = sampler.generate(sample_fn, state.ema_params, rng, labels, w, mesh, ids)
   assert from_disk.shape == (40, 8, 8, 1) and from_disk.dtype == np.uint8
   np.testing.assert_array_equal(from_disk, from_memory)
   jax.tree.map(np.testing.assert_array_equal, params, state.ema_params)
+  # A sample depends on its id, not on the batch around it (here: 1 example, no padding peers).
+  alone = sampler.generate(sample_fn, params, rng, labels[-1:], w[-1:], mesh, ids[-1:])
+  np.testing.assert_array_equal(alone[0], from_disk[-1])
 
   # A second run with a longer schedule resumes at step 6 (it does not start over).
   longer = tiny_config(data_dir, num_train_steps=9)

@@ -68,7 +68,7 @@ def read_torch_file(path: str) -> tuple[dict[str, np.ndarray], str]:
       kind = "state dict"
   except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, ...).
     raise ValueError(f"{path} is neither a PyTorch state dict nor a TorchScript module ({e}). Pass "
-                     "pytorch-fid's pt_inception-2015-12-05-6726825d.pth or an NVlabs-style detector .pt.") from e
+                     "pytorch-fid's pt_inception-2015-12-05-6726825d.pth or an NVlabs-style .pt.") from e
   if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
     raise ValueError(f"{path} holds a {type(state).__name__}, not a dict of tensors (a state dict).")
   return {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}, kind
@@ -94,10 +94,12 @@ def torchvision_to_flax(state: dict[str, np.ndarray]) -> dict:
   for name, value in state.items():
     if name.endswith("num_batches_tracked"):
       continue  # Training bookkeeping.
-    *layer, module, leaf = name.split(".")
-    path = tuple(layer) + (module,)
-    if name in ("fc.weight", "fc.bias"):
-      flat[("params", "fc", "kernel" if leaf == "weight" else "bias")] = value.T if leaf == "weight" else value
+    *path, leaf = name.split(".")
+    path, module = tuple(path), path[-1] if path else ""
+    if name == "fc.weight":
+      flat[("params", "fc", "kernel")] = value.T  # [out, in] -> [in, out].
+    elif name == "fc.bias":
+      flat[("params", "fc", "bias")] = value
     elif module == "conv" and leaf == "weight":
       flat[("params",) + path + ("kernel",)] = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO.
     elif module == "bn" and leaf == "bias":

@@ -4,8 +4,8 @@
       [--batch_size 50] [--resize tf] [--save_stats A_stats.npz]
 
 A and B are each an .npz of either
-* images: `images` (uint8 N×H×W×C, C = 1 or 3, any H×W; what cfdg_jax.sample --npz writes) or
-  ADM-style `arr_0`;
+* images: `images` (uint8 N×H×W×C with C = 1 or 3, or N×H×W; any H×W), as cfdg_jax.sample --npz
+  writes, or ADM-style `arr_0`;
 * statistics: `mu` [2048] and `sigma` [2048, 2048] (pytorch-fid's .npz, ADM's reference batches).
 When a file holds both, its statistics are used. --weights is the file written by
 cfdg_jax.eval.convert_inception. --save_stats writes A's statistics (pytorch-fid format).

@@ -289,7 +289,8 @@ def check_variables(variables: dict) -> None:
                or np.asarray(got[k]).dtype != np.float32)
   if bad:
     raise ValueError(f"Inception variables do not match the FID Inception-v3 (float32) at {len(bad)} "
-                     f"entries, e.g. {bad[:3]}. Re-create them with python -m cfdg_jax.eval.convert_inception.")
+                     f"entries, e.g. {bad[:3]}. Re-create them with "
+                     "python -m cfdg_jax.eval.convert_inception SRC OUT.")
 
 
 def save_params(path: str, variables: dict) -> None:

@@ -45,19 +45,20 @@ def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2:
   """Fréchet distance ||mu1 - mu2||² + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^½).
 
   pytorch-fid (and ADM's evaluator) take scipy.linalg.sqrtm of the non-symmetric product
-  sigma1·sigma2, retry with eps·I added when that fails, and drop small imaginary parts. Here, with
-  sigma_i = V_i W_i V_i^T, (sigma1 sigma2)^½ is similar to ((A^T A)^½ for A = sigma2^½ sigma1^½, so
-  its trace is the sum of the singular values of A, which are those of
-  W2^½ (V2^T V1) W1^½. That is the same value (1e-12 relative on full-rank statistics) without
-  complex arithmetic or squaring the condition number; it stays accurate for singular covariances
-  (fewer samples than dimensions), where sqrtm can fail, and their SVD is only rank x rank.
+  sigma1·sigma2, retry with eps·I added when that fails, and drop small imaginary parts. Here:
+  sigma1·sigma2 is similar to A^T A with A = sigma2^½ sigma1^½, so tr((sigma1 sigma2)^½) is the sum
+  of the singular values of A, i.e. of W2^½ (V2^T V1) W1^½ where sigma_i = V_i W_i V_i^T. This
+  gives the same value (1e-12 relative on full-rank statistics) without complex arithmetic or
+  squaring the condition number, stays accurate for singular covariances (fewer samples than
+  dimensions) where sqrtm can fail, and then needs only a rank x rank SVD.
   """
   mu1, sigma1 = _check_stats(mu1, sigma1, "first statistics")
   mu2, sigma2 = _check_stats(mu2, sigma2, "second statistics")
   if mu1.shape != mu2.shape:
     raise ValueError(f"The statistics have different dimensions: {mu1.size} and {mu2.size}.")
   (r1, v1), (r2, v2) = _sqrt_eigh(sigma1), _sqrt_eigh(sigma2)
-  tr_covmean = linalg.svdvals(r2[:, None] * (v2.T @ v1) * r1[None, :]).sum() if r1.size and r2.size else 0.0
+  core = r2[:, None] * (v2.T @ v1) * r1[None, :]
+  tr_covmean = linalg.svdvals(core).sum() if core.size else 0.0  # Empty if a covariance is 0.
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
