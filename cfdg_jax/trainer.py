@@ -213,8 +213,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         checkpointing.save(manager, step, state, config, force=is_last)
     if step % config.sample_every == 0 or is_last:
       with report.timed("sample"):
-        samples = sampler.generate(sample_fn, state.ema_params, jax.random.fold_in(rng_sample, step),
-                                   sweep_labels, sweep_w, mesh, sweep_ids)
+        # The same draws every time, so successive grids show the model's progress.
+        samples = sampler.generate(sample_fn, state.ema_params, rng_sample, sweep_labels, sweep_w,
+                                   mesh, sweep_ids)
         if is_chief:
           path = os.path.join(workdir, f"samples_{step:08d}.png")
           images.write_sample_grid(path, samples, config.data.num_classes, sweep,

@@ -1,4 +1,4 @@
-"""Fashion-MNIST (28x28x1, 10 classes): good class-conditional samples in ~an hour on one GPU.
+"""Fashion-MNIST (28x28x1, 10 classes): configs/mnist.py with another data set.
 
   python -m cfdg_jax.train --config configs/fashion_mnist.py --workdir /tmp/cfdg_fmnist
 
@@ -6,88 +6,19 @@ Offline, TFDS prepares the data set from local copies of the four original *-uby
 
   python -m cfdg_jax.train --config configs/fashion_mnist.py --workdir /tmp/cfdg_fmnist \
       --config.data.manual_dir=../shared/data/fashion_mnist
-
-Sized for a GPU: one step takes ~30 s on a 2-core CPU. There, use configs/digits.py, or cut
---config.num_train_steps and --config.batch_size.
-
-The CFG paper (Ho & Salimans, 2022) has no Fashion-MNIST experiment: the diffusion and sampler
-settings are its ImageNet ones (Section 4); the network is a small DDPM/ADM-style UNet chosen
-here for the budget (the same as configs/mnist.py).
 """
+import pathlib
+import runpy
+
 import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-
-  config.data = ml_collections.ConfigDict()
+  mnist = runpy.run_path(str(pathlib.Path(__file__).with_name("mnist.py")))
+  config = mnist["get_config"]()
   config.data.name = "fashion_mnist"
-  config.data.split = "train"
-  # TFDS data dir; None uses TFDS's default (~/tensorflow_datasets). Typed None
-  # (placeholders): absl cannot override a plain None from the command line.
-  config.data.data_dir = ml_collections.config_dict.placeholder(str)
-  # Local copies of the original files (offline preparation).
-  config.data.manual_dir = ml_collections.config_dict.placeholder(str)
-  config.data.image_size = 28
-  config.data.channels = 1
-  config.data.num_classes = 10
   # Flips are usual for clothing, and the garments here are near-symmetric, but nearly every
   # sandal, sneaker and ankle boot faces the same way (the right half is the heavier in 92-100%
   # of those classes' training images): flips would teach mirrored shoes the data lacks.
   config.data.random_flip = False
-  config.data.shuffle_buffer = 60_000  # The whole training set (47 MB of uint8).
-  config.data.cache = True
-
-  # Chosen, not from a paper: three levels (28 -> 14 -> 7, the most 28 allows), DDPM's
-  # CIFAR-10 depth and dropout at half its width; 6.9M parameters.
-  config.model = ml_collections.ConfigDict()
-  config.model.base_channels = 64
-  config.model.channel_mult = (1, 2, 2)
-  config.model.num_res_blocks = 2
-  config.model.attn_resolutions = (14,)  # As DDPM's 16x16 at 32x32; the 7x7 middle attends too.
-  config.model.head_channels = 64  # ADM's channels per head (Dhariwal & Nichol, 2021, Table 11).
-  config.model.dropout = 0.1  # DDPM's CIFAR-10 value (Ho et al., 2020, App. B): small data set.
-  config.model.resblock_updown = False
-  config.model.dtype = "float32"  # Runs anywhere; "bfloat16" is faster on a GPU.
-
-  config.diffusion = ml_collections.ConfigDict()
-  config.diffusion.logsnr_min = -20.0  # CFG paper, Section 4.1.
-  config.diffusion.logsnr_max = 20.0  # CFG paper, Section 4.1.
-  # CFG paper, Section 4.2: 0.1 and 0.2 do equally well, 0.5 worse (swept {0.1, 0.2, 0.5}).
-  config.diffusion.p_uncond = 0.1
-  config.diffusion.prediction = "eps"  # CFG paper, Section 2.
-
-  # DDPM's Adam settings (Ho et al., 2020, App. B: lr 2e-4, other values Adam's defaults);
-  # grad_clip 1.0 is from DDPM's released code (scripts/run_cifar.py); warm-up chosen.
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.learning_rate = 2e-4
-  config.optimizer.warmup_steps = 1000
-  config.optimizer.b1 = 0.9
-  config.optimizer.b2 = 0.999
-  config.optimizer.eps = 1e-8
-  config.optimizer.weight_decay = 0.0
-  config.optimizer.grad_clip = 1.0
-
-  config.batch_size = 128  # DDPM's CIFAR-10 batch (Ho et al., 2020, App. B).
-  # Chosen for the budget: ~107 epochs, 0.87 TFLOP a step (XLA's count), so 43 PFLOP in all,
-  # under an hour at a sustained 15 TFLOP/s (an estimate; not timed on a GPU).
-  config.num_train_steps = 50_000
-  # Chosen: DDPM's and ADM's 0.9999 averages over ~10k steps, long for a 50k-step run.
-  config.ema_decay = 0.9995
-  config.log_every = 100
-  config.checkpoint_every = 5000
-  config.keep_checkpoints = 3
-  config.sample_every = 10_000
-
-  config.sample = ml_collections.ConfigDict()
-  config.sample.num_steps = 128  # T: the cheapest of the CFG paper's 128/256/1024 (Section 4.3).
-  config.sample.v = 0.3  # The CFG paper's 64x64 value (Section 4.1); none for 28x28.
-  config.sample.clip_x = True  # Not stated in the papers; keeps x-predictions in the data range.
-  config.sample.guidance = (0.0, 1.0, 3.0)  # The w of the CFG paper's 64x64 sample figure.
-  config.sample.num_per_class = 8
-
-  config.sharding = ml_collections.ConfigDict()
-  config.sharding.fsdp = False  # 6.9M parameters: replicating them is cheap.
-  config.sharding.fsdp_min_size = 2**18
   return config
