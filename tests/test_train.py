@@ -202,3 +202,39 @@ def test_command_line_train_then_sample(tmp_path, data_dir):
 
   missing = _run("cfdg_jax.sample", "--workdir", str(tmp_path / "nowhere"))
   assert missing.returncode != 0 and "No checkpoints" in missing.stderr
+
+
+def test_fsdp_rule_splits_the_largest_divisible_dimension():
+  mesh = sharding.create_mesh()
+  assert mesh.shape == {"data": 2}  # conftest's two CPU devices.
+  spec = lambda shape, fsdp=True, min_size=16: sharding.param_spec(shape, mesh, fsdp, min_size)
+  assert spec((3, 3, 64, 128)) == jax.sharding.PartitionSpec(None, None, None, "data")
+  assert spec((3, 3, 65, 33)) == jax.sharding.PartitionSpec()  # Nothing divisible by 2.
+  assert spec((130, 7)) == jax.sharding.PartitionSpec("data")
+  assert spec((4,)) == jax.sharding.PartitionSpec()  # Below fsdp_min_size.
+  assert spec((3, 3, 64, 128), fsdp=False) == jax.sharding.PartitionSpec()
+
+
+@pytest.mark.slow
+def test_fsdp_training_matches_replicated_training(data_dir):
+  """Sharding the parameters changes where they live, not what the step computes."""
+  host_batches = None
+  results = []
+  for fsdp in (False, True):
+    config = tiny_config(data_dir, **{"sharding.fsdp": fsdp, "sharding.fsdp_min_size": 256})
+    mesh = sharding.create_mesh()
+    model, tx = unet.create_model(config), trainer.create_optimizer(config)
+    init = lambda rng: trainer.init_state(rng, model=model, tx=tx, config=config)
+    state_sharding = sharding.tree_shardings(jax.eval_shape(init, jax.random.key(0)), mesh,
+                                             config.sharding)
+    state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(0))
+    if host_batches is None:
+      batches = input_pipeline.create_train_iterator(config.data, global_batch_size=16, seed=0)
+      host_batches = [next(batches) for _ in range(2)]
+    step_fn = trainer.make_train_step(model, tx, config, mesh, state_sharding)
+    for batch in host_batches:
+      state, _ = step_fn(state, sharding.shard_batch(batch, mesh), jax.random.key(1))
+    specs = {s.spec for s in jax.tree.leaves(state_sharding.params)}
+    assert (jax.sharding.PartitionSpec() in specs) and (len(specs) > 1) == fsdp
+    results.append(jax.device_get(state.params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *results)
