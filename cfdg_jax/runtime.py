@@ -21,6 +21,8 @@ def initialize() -> None:
   tf.config.set_visible_devices([], "GPU")
   if FLAGS.distributed:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if jax.process_index() > 0:
+    logging.set_verbosity(logging.WARNING)  # Process 0 alone logs progress and metrics.
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
