@@ -21,7 +21,8 @@ ITEMS = ("train_state", "ema_params", "config")
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  """<workdir>/checkpoints; local paths made absolute (Orbax wants them so), gs:// kept as is."""
+  return os.path.join(workdir if "://" in workdir else os.path.abspath(workdir), "checkpoints")
 
 
 def create_manager(workdir: str, *, save_every: int = 1, keep: int | None = None,

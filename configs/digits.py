@@ -65,4 +65,30 @@ def get_config() -> ml_collections.ConfigDict:
   config.sharding = ml_collections.ConfigDict()
   config.sharding.fsdp = False  # Shard large parameters over the data axis (ZeRO-3 style).
   config.sharding.fsdp_min_size = 2**18  # Parameters smaller than this stay replicated.
+
+  # Evaluation (python -m cfdg_jax.evaluate): classifier metrics, as Inception features say little
+  # about 8x8 digits. Train the digits classifier once (under a minute on a 2-core CPU), then
+  #   python -m cfdg_jax.eval.train_classifier --config configs/digits.py --out_dir /tmp/cls_digits
+  #   python -m cfdg_jax.evaluate --workdir /tmp/cfdg_digits --config configs/digits.py \
+  #       --config.eval.classifier_dir=/tmp/cls_digits
+  config.eval = ml_collections.ConfigDict()
+  config.eval.guidance = (0.0, 0.1, 0.3, 0.5, 1.0, 2.0, 4.0)  # w from 0 to 4, as the CFG paper.
+  config.eval.num_steps = 128  # T of the w sweep: sample.num_steps.
+  # A sweep of T at two w (points already in the w sweep are not sampled twice).
+  config.eval.step_sweep = (32, 64, 128, 256)
+  config.eval.step_sweep_guidance = (0.3, 1.0)
+  config.eval.v = ml_collections.config_dict.placeholder(float)  # None: sample.v.
+  # Per (w, T) point: 100 per class. One point at T=128 samples in ~3.5 min on a 2-core CPU;
+  # the whole sweep (13 points) takes ~45 min per checkpoint there.
+  config.eval.num_samples = 1000
+  config.eval.batch_size = 512  # Images per sampler call; a multiple of the device count.
+  config.eval.seed = 0  # Every checkpoint is scored on the same noise draws.
+  # Weights from python -m cfdg_jax.eval.convert_inception; None: no Inception metrics.
+  config.eval.inception_weights = ml_collections.config_dict.placeholder(str)
+  # A trained classifier's directory; None: no classifier metrics.
+  config.eval.classifier_dir = ml_collections.config_dict.placeholder(str)
+  config.eval.reference_split = "train"  # 1,500 images; the test split has only 297.
+  # Directory of the cached reference statistics; None: <workdir>/eval.
+  config.eval.reference_cache = ml_collections.config_dict.placeholder(str)
+  config.eval.precision_recall_k = 3  # Kynkäänniemi et al. (2019).
   return config

@@ -95,4 +95,30 @@ def get_config() -> ml_collections.ConfigDict:
   config.sharding = ml_collections.ConfigDict()
   config.sharding.fsdp = True
   config.sharding.fsdp_min_size = 2**18  # Smaller tensors (biases, norms) stay replicated.
+
+  # Evaluation (python -m cfdg_jax.evaluate --workdir DIR --config configs/imagenet64.py
+  # --config.eval.inception_weights=inception.msgpack): the CFG paper's protocol, FID and IS of
+  # 50,000 samples per w (Section 4). A full sweep samples 550,000 images per checkpoint: cut
+  # eval.guidance, eval.step_sweep or eval.num_samples for quicker looks.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.guidance = (0.0, 0.1, 0.3, 0.5, 1.0, 2.0, 4.0)  # w from 0 to 4, as Tables 1 and 2.
+  config.eval.num_steps = 256  # T of the w sweep: sample.num_steps.
+  # The T of the paper's step study (Section 4.3, at 128x128), at the w of the best FID and the
+  # best IS at 128x128 (Table 2).
+  config.eval.step_sweep = (128, 256, 1024)
+  config.eval.step_sweep_guidance = (0.3, 4.0)
+  config.eval.v = ml_collections.config_dict.placeholder(float)  # None: sample.v.
+  config.eval.num_samples = 50_000  # Per (w, T) point, as the paper (and ADM).
+  config.eval.batch_size = 1024  # Images per sampler call; a multiple of the device count.
+  config.eval.seed = 0  # Every checkpoint is scored on the same noise draws.
+  # Weights from python -m cfdg_jax.eval.convert_inception; pytorch-fid's .pth also gives IS.
+  # None: no Inception metrics.
+  config.eval.inception_weights = ml_collections.config_dict.placeholder(str)
+  # A trained classifier's directory; None: no classifier metrics.
+  config.eval.classifier_dir = ml_collections.config_dict.placeholder(str)
+  # The FID convention (ADM's reference batches are training images); its first 50,000 images.
+  config.eval.reference_split = "train"
+  # Directory of the cached reference statistics (a gs:// path on a pod); None: <workdir>/eval.
+  config.eval.reference_cache = ml_collections.config_dict.placeholder(str)
+  config.eval.precision_recall_k = 3  # Kynkäänniemi et al. (2019), as ADM's evaluator.
   return config
