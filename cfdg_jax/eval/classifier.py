@@ -1,4 +1,4 @@
-"""A small CNN classifier per data set, for classifier-FID, classifier-IS and guided-sample accuracy.
+"""A small CNN classifier per data set: classifier-FID, classifier-IS and guided-sample accuracy.
 
 Inception features say little about 8x8 digits or 28x28 MNIST, so each data set gets its own
 classifier, trained here on the training split and scored on the 'test' split:
@@ -16,6 +16,10 @@ Report its test accuracy beside these numbers. A trained classifier lives in a d
 Training augments each image with a random shift of up to `max_shift(image_size)` pixels
 (edge-padded; ±1 px at 8x8, ±2 px at 28x28) and dropout before the logits, so that the classifier
 does not hinge on exact pixel positions, which samples get slightly wrong.
+
+With the defaults (seed 0) on a 2-core CPU: digits 97.3% test accuracy after 1,172 steps (~40 s;
+other seeds 96-97.6%: a handful of the 297 test digits, by writers absent from the training
+split, are ambiguous); MNIST 99.1-99.3% after 1,500 steps (~3.5 minutes).
 """
 import functools
 import json
@@ -53,6 +57,9 @@ _DEFAULT_EPOCHS = 100
 _MAX_DEFAULT_STEPS = 1500
 _LOG_EVERY = 100
 
+# uint8 images [N, S, S, C] -> {"features": float32 [N, 128], "logits": float32 [N, K]}.
+ClassifierFn = Callable[[np.ndarray], dict[str, np.ndarray]]
+
 
 def _conv_norm_act(x: jax.Array, channels: int, strides: int = 1) -> jax.Array:
   x = nn.Conv(channels, (3, 3), strides=strides)(x)
@@ -74,7 +81,9 @@ def level_sizes(image_size: int) -> list[int]:
 
 def level_channels(image_size: int, width: int) -> list[int]:
   """Channels per level: `width` on maps of at most 8 pixels, halved per doubling of the map
-  beyond, but no fewer than min(16, width). 8 -> [w, w]; 28 -> [w/4, w/2, w]; 32 -> [w/4, w/2, w, w].
+  beyond, but no fewer than min(16, width).
+
+  8 -> [w, w]; 28 -> [w/4, w/2, w]; 32 -> [w/4, w/2, w, w].
 
   Narrow where the maps are large keeps a 28x28 classifier cheap on a CPU.
   """
@@ -189,15 +198,15 @@ def _expected_shapes(metadata: dict) -> dict[tuple[str, ...], tuple[int, ...]]:
   return {k: v.shape for k, v in traverse_util.flatten_dict(variables).items()}
 
 
-def _classifier_fn(variables: dict, metadata: dict,
-                   batch_size: int) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+def _classifier_fn(variables: dict, metadata: dict, batch_size: int) -> ClassifierFn:
   """The function `make_classifier_fn` returns, for in-memory variables."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive; got {batch_size}.")
   model = Classifier(metadata["num_classes"], metadata["width"])
   variables = jax.device_put(variables)
   size, channels = metadata["image_size"], metadata["channels"]
-  expected = f"uint8 images [N, {size}, {size}, {channels}] (the {metadata['dataset']!r} classifier's)"
+  expected = (f"uint8 images [N, {size}, {size}, {channels}] (the {metadata['dataset']!r}"
+              " classifier's)")
 
   def classifier_fn(images: np.ndarray) -> dict[str, np.ndarray]:
     images = np.asarray(images)
@@ -232,7 +241,8 @@ def _test_batches(builder: tfds.core.DatasetBuilder, data_config: ml_collections
   if tuple(builder.info.features["image"].shape[:2]) != (size, size):
     def resize(example):
       # The training pipeline's crop and resize, then back to uint8 as samples are stored.
-      image = input_pipeline._center_crop_and_resize(example["image"], size)  # pylint: disable=protected-access
+      resize_fn = input_pipeline._center_crop_and_resize  # pylint: disable=protected-access
+      image = resize_fn(example["image"], size)
       image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
       return {"image": image, "label": example["label"]}
     ds = ds.map(resize, num_parallel_calls=tf.data.AUTOTUNE)
@@ -249,7 +259,7 @@ def _write_atomically(path: epath.Path, data: bytes) -> None:
 
 def default_num_steps(data_config: ml_collections.ConfigDict,
                       batch_size: int = _DEFAULT_BATCH_SIZE) -> int:
-  """About 100 epochs of `data_config.split`, at most 1,500 steps: 1,172 for digits, 1,500 for MNIST."""
+  """About 100 epochs of `data_config.split`, at most 1,500 steps (digits 1,172, MNIST 1,500)."""
   builder = input_pipeline.get_builder(data_config)
   input_pipeline.check_data_config(data_config, builder)
   num_examples = builder.info.splits[data_config.split].num_examples
@@ -314,7 +324,8 @@ def train(data_config: ml_collections.ConfigDict, out_dir: str, *, num_steps: in
       now = time.time()
       logging.info("Classifier step %d/%d: loss %.4f, train accuracy %.4f, %.1f steps/s.", step,
                    num_steps, np.mean([m["loss"] for m in fetched]),
-                   np.mean([m["accuracy"] for m in fetched]), (step - last_step) / (now - last_time))
+                   np.mean([m["accuracy"] for m in fetched]),
+                   (step - last_step) / (now - last_time))
       pending, last_time, last_step = [], now, step
 
   variables = {"params": jax.device_get(params)}
@@ -343,7 +354,8 @@ def load(out_dir: str) -> tuple[dict, dict]:
   if not (weights_path.exists() and metadata_path.exists()):
     raise FileNotFoundError(
         f"No trained classifier in {out} (expected {WEIGHTS_FILE} and {METADATA_FILE}). Create it "
-        f"with: python -m cfdg_jax.eval.train_classifier --config configs/DATASET.py --out_dir {out}")
+        "with: python -m cfdg_jax.eval.train_classifier --config configs/DATASET.py"
+        f" --out_dir {out}")
   metadata = json.loads(metadata_path.read_text())
   _check_metadata(metadata, str(metadata_path))
   try:
@@ -362,9 +374,8 @@ def load(out_dir: str) -> tuple[dict, dict]:
   return variables, metadata
 
 
-def make_classifier_fn(out_dir: str,
-                       batch_size: int = 500) -> tuple[Callable[[np.ndarray], dict[str, np.ndarray]], dict]:
-  """Loads the classifier in `out_dir` as fn(uint8 images [N, S, S, C]) -> outputs, and its metadata.
+def make_classifier_fn(out_dir: str, batch_size: int = 500) -> tuple[ClassifierFn, dict]:
+  """Loads the classifier in `out_dir`: (fn(uint8 images [N, S, S, C]) -> outputs, metadata).
 
   fn returns {"features": float32 [N, 128], "logits": float32 [N, K]} as numpy arrays. It runs in
   fixed batches of `batch_size` (the last one padded), so it compiles once, and raises ValueError
@@ -406,6 +417,6 @@ def ensure_classifier(data_config: ml_collections.ConfigDict, out_dir: str, **tr
       logging.warning("Reusing the classifier in %s (%s) although %s was asked for.", out_dir,
                       {k: metadata[k] for k in ("width", "seed", "train_steps")}, differing)
     return metadata
-  train_kwargs.setdefault(
-      "num_steps", default_num_steps(data_config, train_kwargs.get("batch_size", _DEFAULT_BATCH_SIZE)))
+  batch_size = train_kwargs.get("batch_size", _DEFAULT_BATCH_SIZE)
+  train_kwargs.setdefault("num_steps", default_num_steps(data_config, batch_size))
   return train(data_config, out_dir, **train_kwargs)
