@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 import ml_collections
 
@@ -173,7 +174,8 @@ class UNet(nn.Module):
             f"head_channels={self.head_channels}; choose head_channels dividing {channels}.")
     # Values are only known outside of jit; inside, bad labels give NaN outputs (below).
     if not isinstance(labels, jax.core.Tracer):
-      bad = sorted(set(jax.device_get(labels[(labels < 0) | (labels > self.num_classes)]).tolist()))
+      values = np.asarray(labels)  # numpy: also right for a constant closed over by a jit.
+      bad = sorted(set(values[(values < 0) | (values > self.num_classes)].tolist()))
       if bad:
         raise ValueError(f"labels must be in 0..{self.num_classes} ({self.num_classes} is the "
                          f"null label); got {bad}.")

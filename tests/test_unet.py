@@ -213,6 +213,17 @@ def test_invalid_labels_poison_output_under_jit(tiny):
   assert np.all(np.isnan(out[1])) and np.all(np.isnan(out[2]))
 
 
+def test_constant_labels_closed_over_by_jit_are_checked(tiny):
+  model, _, params, _ = tiny
+  x, logsnr, labels = _inputs()
+  # A concrete array captured by a jitted function is not a tracer: checked with numpy.
+  out = jax.jit(lambda p: model.apply(p, x, logsnr, labels, train=False))({"params": params})
+  assert out.shape == x.shape
+  bad = labels + K + 1
+  with pytest.raises(ValueError, match=rf"labels must be in 0..{K}"):
+    jax.jit(lambda p: model.apply(p, x, logsnr, bad, train=False))({"params": params})
+
+
 def test_logsnr_to_time_and_embedding():
   t = unet.logsnr_to_time(jnp.array([-20.0, -5.0, 0.0, 5.0, 20.0]))
   assert t[0] > 0.999 and t[-1] < 1e-3

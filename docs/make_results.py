@@ -1,0 +1,171 @@
+"""Tables and figures of docs/results.md from evaluated training workdirs.
+
+  python docs/make_results.py --out_prefix docs/results_digits WORKDIR [WORKDIR ...]
+
+Each WORKDIR is a training run (its config.json gives p_uncond and the training seed) scored by
+python -m cfdg_jax.evaluate (its eval/results.jsonl). Only each run's newest evaluated step is
+used. Writes <out_prefix>_tradeoff.png (classifier-FID against classifier-IS and accuracy against
+w, at the main T) and <out_prefix>_steps.png (the metrics against T), and prints the Markdown
+tables. A cell is the mean over the replicates found (training seeds x sampling seeds) +- their
+standard deviation; the replicate count is in the table header.
+"""
+import argparse
+import collections
+import json
+import pathlib
+
+import numpy as np
+from matplotlib import figure
+from matplotlib import ticker
+
+METRICS = (("classifier_fid", "cls-FID", "{:.3f}"), ("classifier_is", "cls-IS", "{:.3f}"),
+           ("classifier_accuracy", "accuracy", "{:.3f}"))
+
+
+def load_rows(workdirs):
+  """Rows of every run's newest evaluated step, each with p_uncond and train_seed added."""
+  rows = []
+  for workdir in map(pathlib.Path, workdirs):
+    config = json.loads((workdir / "config.json").read_text())
+    run_rows = [json.loads(line) for line in
+                (workdir / "eval" / "results.jsonl").read_text().splitlines() if line.strip()]
+    last = max(r["step"] for r in run_rows)
+    rows += [dict(r, p_uncond=config["diffusion"]["p_uncond"], train_seed=config["seed"])
+             for r in run_rows if r["step"] == last]
+  return rows
+
+
+def group(rows, *fields):
+  groups = collections.defaultdict(list)
+  for r in rows:
+    groups[tuple(r[f] for f in fields)].append(r)
+  return groups
+
+
+def cell(rows, metric, fmt):
+  values = np.array([r[metric] for r in rows])
+  if len(values) == 1:
+    return fmt.format(values[0])
+  return f"{fmt.format(values.mean())} ± {fmt.format(values.std(ddof=1))}"
+
+
+def replicates(rows):
+  return len({(r["train_seed"], r["seed"]) for r in rows})
+
+
+def print_w_table(rows, num_steps):
+  rows = [r for r in rows if r["num_steps"] == num_steps]
+  by = group(rows, "p_uncond", "w")
+  ps = sorted({r["p_uncond"] for r in rows})
+  for metric, name, fmt in METRICS:
+    counts = [replicates([r for r in rows if r["p_uncond"] == p]) for p in ps]
+    print(f"\n{name} at T = {num_steps}\n")
+    print("| w | " + " | ".join(f"p_uncond = {p} (n = {n})" for p, n in zip(ps, counts)) + " |")
+    print("|---" * (len(ps) + 1) + "|")
+    for w in sorted({r["w"] for r in rows}):
+      print(f"| {w:g} | " + " | ".join(cell(by[p, w], metric, fmt) if by[p, w] else "–"
+                                      for p in ps) + " |")
+
+
+def print_steps_table(rows, main_steps):
+  step_ws = {r["w"] for r in rows if r["num_steps"] != main_steps}
+  rows = [r for r in rows if r["w"] in step_ws]
+  by = group(rows, "p_uncond", "w", "num_steps")
+  for p, w in sorted({(r["p_uncond"], r["w"]) for r in rows}):
+    ts = sorted({r["num_steps"] for r in rows if (r["p_uncond"], r["w"]) == (p, w)})
+    if len(ts) < 2:
+      continue
+    print(f"\np_uncond = {p}, w = {w:g}\n")
+    print("| T | " + " | ".join(name for _, name, _ in METRICS) + " | n | sampling s/point |")
+    print("|---" * (len(METRICS) + 3) + "|")
+    for t in ts:
+      group_rows = by[p, w, t]
+      seconds = np.mean([r["sample_seconds"] for r in group_rows])
+      print(f"| {t} | " + " | ".join(cell(group_rows, m, fmt) for m, _, fmt in METRICS)
+            + f" | {replicates(group_rows)} | {seconds:.0f} |")
+
+
+def mean_curve(rows, x, y):
+  """(w, mean x, mean y) lists over the replicates of each w, in increasing w."""
+  points = group(rows, "w")
+  keys = sorted(points)
+  return ([w for w, in keys], [np.mean([r[x] for r in points[k]]) for k in keys],
+          [np.mean([r[y] for r in points[k]]) for k in keys])
+
+
+def plot_tradeoff(rows, num_steps, path, title):
+  rows = [r for r in rows if r["num_steps"] == num_steps]
+  fig = figure.Figure(figsize=(13, 5), layout="constrained")
+  left, right = fig.subplots(1, 2)
+  for (p,), p_rows in sorted(group(rows, "p_uncond").items()):
+    ws, xs, ys = mean_curve(p_rows, "classifier_is", "classifier_fid")
+    line, = left.plot(xs, ys, marker="o", label=f"p_uncond = {p}")
+    left.scatter([r["classifier_is"] for r in p_rows], [r["classifier_fid"] for r in p_rows],
+                 s=8, color=line.get_color(), alpha=0.4)
+    for w, x, y in zip(ws, xs, ys):
+      left.annotate(f"{w:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8,
+                    color=line.get_color())
+    ws, accuracy, _ = mean_curve(p_rows, "classifier_accuracy", "classifier_accuracy")
+    right.plot(ws, accuracy, marker="o", label=f"p_uncond = {p}")
+  left.set(xlabel="classifier-IS", ylabel="classifier-FID (lower is better)",
+           title="FID against IS, one point per w (labels); small dots: replicates")
+  ws = sorted({r["w"] for r in rows})
+  right.set(xscale="symlog", xticks=ws, xticklabels=[f"{w:g}" for w in ws],
+            xlabel="guidance strength w (linear to 1, then logarithmic)",
+            ylabel="accuracy on the conditioning label", title="samples classified as their label")
+  right.xaxis.set_minor_locator(ticker.NullLocator())
+  test_accuracy = rows[0].get("classifier_test_accuracy")
+  if test_accuracy is not None:
+    right.axhline(test_accuracy, color="gray", linestyle="--", linewidth=1,
+                  label=f"classifier on real test images ({test_accuracy:.3f})")
+  for ax in (left, right):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+  fig.suptitle(title)
+  fig.savefig(path, dpi=100)
+
+
+def plot_steps(rows, main_steps, path, title):
+  step_ws = {r["w"] for r in rows if r["num_steps"] != main_steps}
+  rows = [r for r in rows if r["w"] in step_ws]
+  fig = figure.Figure(figsize=(13, 5), layout="constrained")
+  axes = fig.subplots(1, 2)
+  ps = sorted({r["p_uncond"] for r in rows})
+  for (p, w), curve_rows in sorted(group(rows, "p_uncond", "w").items()):
+    by_t = group(curve_rows, "num_steps")
+    ts = sorted(by_t)
+    if len(ts) < 2:
+      continue
+    for ax, metric in zip(axes, ("classifier_fid", "classifier_is")):
+      ax.plot([t for t, in ts], [np.mean([r[metric] for r in by_t[t]]) for t in ts],
+              marker="o", color=f"C{ps.index(p)}", linestyle="-" if w == min(step_ws) else "--",
+              label=f"p_uncond = {p}, w = {w:g}")
+  ts = sorted({r["num_steps"] for r in rows})
+  for ax, name in zip(axes, ("classifier-FID (lower is better)", "classifier-IS")):
+    ax.set(xscale="log", xticks=ts, xticklabels=[str(t) for t in ts], xlabel="sampling steps T",
+           ylabel=name)
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(title)
+  fig.savefig(path, dpi=100)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("workdirs", nargs="+")
+  parser.add_argument("--out_prefix", required=True, help="e.g. docs/results_digits")
+  parser.add_argument("--num_steps", type=int, default=128, help="T of the w sweep.")
+  args = parser.parse_args()
+  rows = load_rows(args.workdirs)
+  dataset, samples = rows[0]["dataset"], rows[0]["num_samples"]
+  print_w_table(rows, args.num_steps)
+  print_steps_table(rows, args.num_steps)
+  plot_tradeoff(rows, args.num_steps, f"{args.out_prefix}_tradeoff.png",
+                f"{dataset}: guidance sweep at T = {args.num_steps}, {samples} samples per point")
+  plot_steps(rows, args.num_steps, f"{args.out_prefix}_steps.png",
+             f"{dataset}: sampling steps T, {samples} samples per point")
+
+
+if __name__ == "__main__":
+  main()
