@@ -23,14 +23,15 @@ run() {  # name command...: runs one job, logging to $out/logs/name.log.
   "$@" "${data_flags[@]}" > "$out/logs/$name.log" 2>&1
   echo "$(date -u +%FT%TZ) done  $name" >> "$out/logs/campaign.log"
 }
-final=$(python -c "import runpy; print(runpy.run_path('$config')['get_config']().num_train_steps)")
+half=$(python -c "import runpy; print(runpy.run_path('$config')['get_config']().num_train_steps // 2)")
 train() {  # p_uncond seed [checkpoint_every]; a grid of samples at the end only.
   run "train_p$1_s$2" python -m cfdg_jax.train --config "$config" --workdir "$out/p$1_s$2" \
       --config.diffusion.p_uncond="$1" --config.seed="$2" --config.sample_every=1000000 \
       ${3:+--config.checkpoint_every=$3}
 }
 prune() {  # p_uncond seed: the sweeps score the final checkpoint only (the others were to resume).
-  find "$out/p$1_s$2/checkpoints" -mindepth 1 -maxdepth 1 ! -name "$final" -exec rm -rf {} +
+  local dir=$out/p$1_s$2/checkpoints
+  ls "$dir" | sort -n | head -n -1 | sed "s|^|$dir/|" | xargs -r rm -rf
 }
 evaluate() {  # p_uncond seed name [flags]
   local p=$1 seed=$2 name=$3
@@ -45,7 +46,7 @@ evaluate() {  # p_uncond seed name [flags]
       --out_dir "$out/classifier"
 # The eval job beside a training run: it scores the halfway checkpoint while training goes on,
 # then the final one (two w each); the sweeps below reuse the final checkpoint's rows.
-train 0.2 0 $((final / 2)) &
+train 0.2 0 "$half" &
 trainer=$!
 evaluate 0.2 0 watch --watch --poll_seconds 10 --config.eval.guidance="(0.0,1.0)" \
     --config.eval.step_sweep="()"
