@@ -143,7 +143,8 @@ def plot_steps(rows, main_steps, path, title):
            ylabel=name)
     ax.xaxis.set_minor_locator(ticker.NullLocator())
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+  # One legend for both panels, below them, where it covers no line.
+  fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=9)
   fig.suptitle(title)
   fig.savefig(path, dpi=100)
 
