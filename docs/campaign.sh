@@ -53,11 +53,13 @@ evaluate 0.2 0 watch --watch --poll_seconds 10 --config.eval.guidance="(0.0,1.0)
 wait $trainer
 prune 0.2 0
 for p in 0.1 0.5; do train $p 0; prune $p 0; done
-# The w sweep at T = 128 and the T sweep at w = 0.3 and 1 (the config's eval section)...
+# The w sweep at T = 128 for every model first, so that a stopped campaign has the main result;
+# then the T sweep at w = 0.3 and 1 (the rest of the config's eval section)...
+for p in 0.2 0.1 0.5; do evaluate $p 0 wsweep --config.eval.step_sweep="()"; done
 for p in 0.2 0.1 0.5; do evaluate $p 0 sweep; done
 # ...and the spread: again with other sampling noise (the T sweep for p_uncond = 0.2 only)...
+for p in 0.2 0.1 0.5; do evaluate $p 0 seed1w --config.eval.seed=1 --config.eval.step_sweep="()"; done
 evaluate 0.2 0 seed1 --config.eval.seed=1
-for p in 0.1 0.5; do evaluate $p 0 seed1 --config.eval.seed=1 --config.eval.step_sweep="()"; done
 # ...and with another training seed.
 for p in 0.2 0.1 0.5; do
   train $p 1; prune $p 1

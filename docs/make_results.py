@@ -5,9 +5,9 @@
 Each WORKDIR is a training run (its config.json gives p_uncond and the training seed) scored by
 python -m cfdg_jax.evaluate (its eval/results.jsonl). Only each run's newest evaluated step is
 used. Writes <out_prefix>_tradeoff.png (classifier-FID against classifier-IS and accuracy against
-w, at the main T) and <out_prefix>_steps.png (the metrics against T), and prints the Markdown
-tables. A cell is the mean over the replicates found (training seeds x sampling seeds) +- their
-standard deviation; the replicate count is in the table header.
+w, at the main T) and, once a T sweep is evaluated, <out_prefix>_steps.png (the metrics against
+T), and prints the Markdown tables. A cell is the mean over the replicates found (training seeds x
+sampling seeds) +- their standard deviation; the replicate count is in the table header.
 """
 import argparse
 import collections
@@ -160,8 +160,9 @@ def main():
   print_tables(rows, args.num_steps)
   plot_tradeoff(rows, args.num_steps, f"{args.out_prefix}_tradeoff.png",
                 f"{dataset}: guidance sweep at T = {args.num_steps}, {samples} samples per point")
-  plot_steps(rows, args.num_steps, f"{args.out_prefix}_steps.png",
-             f"{dataset}: sampling steps T, {samples} samples per point")
+  if any(r["num_steps"] != args.num_steps for r in rows):  # No T sweep evaluated yet: no plot.
+    plot_steps(rows, args.num_steps, f"{args.out_prefix}_steps.png",
+               f"{dataset}: sampling steps T, {samples} samples per point")
 
 
 if __name__ == "__main__":
