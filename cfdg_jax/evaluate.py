@@ -1,13 +1,14 @@
 """Scores a training workdir's checkpoints over a guidance sweep: FID, IS, precision/recall.
 
   python -m cfdg_jax.evaluate --workdir /tmp/cfdg_digits --config configs/digits.py \
-      --config.eval.classifier_dir=/tmp/cls_digits [--watch] [--poll_seconds 30]
+      --config.eval.classifier_dir=/tmp/cls_digits [--step N] [--watch] [--poll_seconds 30]
 
-Every checkpoint not yet evaluated is scored, oldest first, at the sampler settings of the
-config's `eval` section (see configs/digits.py). With --watch the job runs beside training: it
-waits for new checkpoints (and for the workdir to appear) and exits once the checkpoint at the
-run's num_train_steps is scored. Without --config, each checkpoint's own config supplies `eval`;
-with it, only the file's `eval` section is used (plus any --config.eval.* overrides).
+Every checkpoint not yet evaluated (or only --step's) is scored, oldest first, at the sampler
+settings of the config's `eval` section (see configs/digits.py). With --watch the job runs beside
+training: it waits for new checkpoints (and for the workdir to appear) and exits once the
+checkpoint at the run's num_train_steps (or --step's) is scored. Without --config, each
+checkpoint's own config supplies `eval`; with it, only the file's `eval` section is used (plus
+any --config.eval.* overrides).
 
 Results go to <workdir>/eval/: results.jsonl (one row per checkpoint, w, T, v, num_samples and
 seed; a restart recomputes nothing recorded there), TensorBoard scalars and tradeoff.png.
@@ -24,6 +25,7 @@ config_flags.DEFINE_config_file(
     "checkpoints' own, e.g. --config configs/digits.py --config.eval.num_samples=2000.",
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+flags.DEFINE_integer("step", None, "Score only the checkpoint of this step (default: every one).")
 flags.DEFINE_bool("watch", False, "Keep waiting for new checkpoints until the final one is scored.")
 flags.DEFINE_float("poll_seconds", 30.0, "Seconds between looks for new checkpoints (--watch).")
 flags.mark_flags_as_required(["workdir"])
@@ -35,11 +37,13 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.poll_seconds <= 0:
     raise app.UsageError("--poll_seconds must be positive.")
+  if FLAGS.step is not None and FLAGS.step < 1:
+    raise app.UsageError(f"--step={FLAGS.step}: checkpoint steps are positive.")
   if FLAGS.config is not None and "eval" not in FLAGS.config:
     raise app.UsageError("The --config file has no `eval` section; use one of configs/*.py.")
   runtime.initialize()
   evaluator.evaluate_workdir(FLAGS.workdir, FLAGS.config.eval if FLAGS.config else None,
-                             watch=FLAGS.watch, poll_seconds=FLAGS.poll_seconds)
+                             step=FLAGS.step, watch=FLAGS.watch, poll_seconds=FLAGS.poll_seconds)
 
 
 if __name__ == "__main__":

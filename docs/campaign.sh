@@ -23,22 +23,30 @@ run() {  # name command...: runs one job, logging to $out/logs/name.log.
   "$@" "${data_flags[@]}" > "$out/logs/$name.log" 2>&1
   echo "$(date -u +%FT%TZ) done  $name" >> "$out/logs/campaign.log"
 }
-half=$(python -c "import runpy; print(runpy.run_path('$config')['get_config']().num_train_steps // 2)")
+last=$(python - "$config" "${data_flags[@]}" <<'EOF'  # num_train_steps, with the extra flags.
+import sys
+from absl import flags
+from ml_collections import config_flags
+config_flags.DEFINE_config_file("config")
+flags.FLAGS(["campaign", "--config", *sys.argv[1:]])
+print(flags.FLAGS.config.num_train_steps)
+EOF
+)
+half=$((last / 2))
 train() {  # p_uncond seed [checkpoint_every]; a grid of samples at the end only.
   run "train_p$1_s$2" python -m cfdg_jax.train --config "$config" --workdir "$out/p$1_s$2" \
       --config.diffusion.p_uncond="$1" --config.seed="$2" --config.sample_every=1000000 \
       ${3:+--config.checkpoint_every=$3}
 }
-prune() {  # p_uncond seed: the sweeps score the final checkpoint only (the others were to resume).
-  local dir=$out/p$1_s$2/checkpoints
-  ls "$dir" | sort -n | head -n -1 | sed "s|^|$dir/|" | xargs -r rm -rf
-}
-evaluate() {  # p_uncond seed name [flags]
+evaluate() {  # p_uncond seed name [flags]: every checkpoint of the run.
   local p=$1 seed=$2 name=$3
   shift 3
   run "eval_p${p}_s${seed}_$name" python -m cfdg_jax.evaluate --workdir "$out/p${p}_s${seed}" \
       --config "$config" --config.eval.classifier_dir="$out/classifier" \
       --config.eval.reference_cache="$out/reference" "$@"
+}
+final() {  # p_uncond seed name [flags]: the final checkpoint, which the sweeps score.
+  evaluate "$@" --step "$last"
 }
 
 [[ -f $out/classifier/classifier.json ]] ||
@@ -51,17 +59,18 @@ trainer=$!
 evaluate 0.2 0 watch --watch --poll_seconds 10 --config.eval.guidance="(0.0,1.0)" \
     --config.eval.step_sweep="()"
 wait $trainer
-prune 0.2 0
-for p in 0.1 0.5; do train $p 0; prune $p 0; done
-# The w sweep at T = 128 for every model first, so that a stopped campaign has the main result;
-# then the T sweep at w = 0.3 and 1 (the rest of the config's eval section)...
-for p in 0.2 0.1 0.5; do evaluate $p 0 wsweep --config.eval.step_sweep="()"; done
-for p in 0.2 0.1 0.5; do evaluate $p 0 sweep; done
-# ...and the spread: again with other sampling noise (the T sweep for p_uncond = 0.2 only)...
-for p in 0.2 0.1 0.5; do evaluate $p 0 seed1w --config.eval.seed=1 --config.eval.step_sweep="()"; done
-evaluate 0.2 0 seed1 --config.eval.seed=1
+for p in 0.1 0.5; do train $p 0; done
+# The w sweep at T = 128 for every model first, so that a stopped campaign has the main result,
+# and its spread for one model (again with other sampling noise); then the T sweep at w = 0.3
+# and 1 (the rest of the config's eval section)...
+for p in 0.2 0.1 0.5; do final $p 0 wsweep --config.eval.step_sweep="()"; done
+final 0.2 0 seed1w --config.eval.seed=1 --config.eval.step_sweep="()"
+for p in 0.2 0.1 0.5; do final $p 0 sweep; done
+# ...and the rest of the sampling-noise spread (the T sweep for p_uncond = 0.2 only)...
+for p in 0.1 0.5; do final $p 0 seed1w --config.eval.seed=1 --config.eval.step_sweep="()"; done
+final 0.2 0 seed1 --config.eval.seed=1
 # ...and with another training seed.
 for p in 0.2 0.1 0.5; do
-  train $p 1; prune $p 1
-  evaluate $p 1 sweep --config.eval.step_sweep="()"
+  train $p 1
+  final $p 1 sweep --config.eval.step_sweep="()"
 done

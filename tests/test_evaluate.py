@@ -282,6 +282,30 @@ def test_rerun_samples_nothing_and_recomputes_only_a_deleted_row(watched_run):
   assert sorted(map(evaluator.row_key, _read_rows(workdir))) == sorted(map(evaluator.row_key, rows))
 
 
+@pytest.mark.slow
+def test_step_scores_that_checkpoint_alone(watched_run):
+  workdir, config, _, _ = watched_run
+  rows = _read_rows(workdir)
+  path = os.path.join(workdir, "eval", "results.jsonl")
+  lost = [r for r in rows if (r["num_steps"], r["w"]) == (4, 2.0)]  # One row of steps 2 and 4.
+  assert sorted(r["step"] for r in lost) == [2, 4]
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows if r not in lost)
+  redone = evaluator.evaluate_workdir(workdir, config, step=2)
+  assert [evaluator.row_key(r) for r in redone] == [evaluator.row_key(lost[0])]
+  # A step that is not there fails before anything compiles, with or without --watch (a later
+  # checkpoint exists, or the step lies beyond the run's 4, so it will never come).
+  with count_compiles() as compiles:
+    with pytest.raises(ValueError, match=r"No checkpoint at step 3 .*available: \[2, 4\]\. Choose"):
+      evaluator.evaluate_workdir(workdir, config, step=3)
+    for step in (3, 6):
+      with pytest.raises(ValueError, match=f"No checkpoint at step {step} .*beyond num_train"):
+        evaluator.evaluate_workdir(workdir, config, step=step, watch=True, poll_seconds=0.1)
+  assert not compiles
+  evaluator.evaluate_workdir(workdir, config, step=4, watch=True, poll_seconds=0.1)
+  assert sorted(map(evaluator.row_key, _read_rows(workdir))) == sorted(map(evaluator.row_key, rows))
+
+
 def _run_cli(*args):
   env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="")
   return subprocess.run([sys.executable, "-m", "cfdg_jax.evaluate", *args], cwd=REPO, env=env,
@@ -293,6 +317,8 @@ def test_command_line(watched_run, tmp_path):
   unknown = _run_cli("--workdir", str(tmp_path), "--config", "configs/digits.py",
                      "--config.eval.guidence=1")
   assert unknown.returncode != 0 and 'Did you mean "guidance"' in unknown.stderr
+  bad_step = _run_cli("--workdir", str(tmp_path), "--step", "0")
+  assert bad_step.returncode != 0 and "--step=0: checkpoint steps are positive" in bad_step.stderr
   # The tiny sweep again, from the config file and flags: every row is there, nothing to do.
   workdir, config, _, _ = watched_run
   before = _read_rows(workdir)

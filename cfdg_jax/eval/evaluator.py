@@ -438,15 +438,20 @@ def _broadcast(x: np.ndarray) -> np.ndarray:
 
 
 # What process 0 tells the others to do next.
-_EVALUATE, _WAIT, _DONE, _NO_CHECKPOINTS = range(4)
+_EVALUATE, _WAIT, _DONE, _NO_CHECKPOINTS, _NO_SUCH_STEP = range(5)
 
 
 class Evaluator:
-  """Evaluates the checkpoints of one workdir; keeps networks, references and samplers warm."""
+  """Evaluates the checkpoints of one workdir; keeps networks, references and samplers warm.
 
-  def __init__(self, workdir: str, eval_override: ml_collections.ConfigDict | None = None):
+  With `step`, only that checkpoint is evaluated (others are neither read nor scored).
+  """
+
+  def __init__(self, workdir: str, eval_override: ml_collections.ConfigDict | None = None, *,
+               step: int | None = None):
     self.workdir = workdir
     self.override = eval_override
+    self.step = step
     if eval_override is not None:
       check_eval_config(eval_override, jax.device_count())  # Before any checkpoint is read.
     self.is_chief = jax.process_index() == 0
@@ -475,6 +480,14 @@ class Evaluator:
     """Process 0: (what to do, step): the oldest step not yet finished, or wait / done."""
     self.manager.reload()
     steps = sorted(self.manager.all_steps())
+    if self.step is not None:
+      if self.step in steps:
+        return (_DONE if self.step in self._finished else _EVALUATE), self.step
+      # It will not come when a later one exists (it was not saved, or was deleted) or when it
+      # lies beyond the run's last step.
+      done_waiting = not watch or bool(steps) and (
+          steps[-1] > self.step or self.step > self._config(steps[-1]).num_train_steps)
+      return (_NO_SUCH_STEP if done_waiting else _WAIT), self.step
     for step in steps:
       if step not in self._finished:
         return _EVALUATE, step
@@ -484,7 +497,8 @@ class Evaluator:
     return (_DONE if not watch or final in self._finished else _WAIT), final
 
   def run(self, *, watch: bool = False, poll_seconds: float = 30.0) -> list[dict]:
-    """Evaluates every checkpoint, oldest first; with `watch`, until the final one is done.
+    """Evaluates every checkpoint (or `step`'s), oldest first; with `watch`, until the final one
+    (or `step`'s) is done.
 
     Returns the rows recorded by this call (process 0; others get []).
     """
@@ -500,13 +514,22 @@ class Evaluator:
         raise FileNotFoundError(
             f"No checkpoints in {checkpointing.checkpoint_dir(self.workdir)}: train first "
             "(python -m cfdg_jax.train), check --workdir, or pass --watch to wait for them.")
+      if action == _NO_SUCH_STEP:
+        self.manager.reload()
+        raise ValueError(
+            f"No checkpoint at step {step} in {checkpointing.checkpoint_dir(self.workdir)}; "
+            f"available: {sorted(self.manager.all_steps())}. "
+            + ("It lies beyond num_train_steps, or was not saved (checkpoint_every) or was "
+               "deleted (keep_checkpoints)." if watch else
+               "Choose one of those, or pass --watch to wait for it."))
       if action == _DONE:
         if self.writer is not None:
           self.writer.close()
         return written
       if waiting != step:
-        logging.info("Waiting for checkpoints in %s (the final step is %s); polling every %g s.",
-                     checkpointing.checkpoint_dir(self.workdir), step or "not known yet",
+        logging.info("Waiting for checkpoints in %s (the %s step is %s); polling every %g s.",
+                     checkpointing.checkpoint_dir(self.workdir),
+                     "final" if self.step is None else "requested", step or "not known yet",
                      poll_seconds)
         waiting = step
       time.sleep(poll_seconds)
@@ -675,14 +698,17 @@ class Evaluator:
 
 
 def evaluate_workdir(workdir: str, eval_override: ml_collections.ConfigDict | None = None, *,
-                     watch: bool = False, poll_seconds: float = 30.0) -> list[dict]:
+                     step: int | None = None, watch: bool = False,
+                     poll_seconds: float = 30.0) -> list[dict]:
   """Evaluates `workdir`'s checkpoints (see the module docstring); returns the rows recorded.
 
   Args:
     workdir: a training workdir (holding checkpoints/ or, with `watch`, about to).
     eval_override: a config's `eval` section, used instead of each checkpoint's.
-    watch: keep polling for new checkpoints until the one at the run's num_train_steps is
-      evaluated; without it, evaluate the checkpoints there now and return.
+    step: evaluate only the checkpoint of this step (raises ValueError if there is none, or,
+      with `watch`, once a later one appears without it).
+    watch: keep polling for new checkpoints until the one at the run's num_train_steps (or
+      `step`) is evaluated; without it, evaluate the checkpoints there now and return.
     poll_seconds: seconds between polls when watching.
   """
-  return Evaluator(workdir, eval_override).run(watch=watch, poll_seconds=poll_seconds)
+  return Evaluator(workdir, eval_override, step=step).run(watch=watch, poll_seconds=poll_seconds)
