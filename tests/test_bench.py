@@ -1,0 +1,36 @@
+"""The benchmark scripts run and report what they promise (their figures are not judged here)."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_xla_host_devices_reports_each_count_and_ratios(tmp_path):
+  out = tmp_path / "bench.json"
+  result = subprocess.run(
+      [sys.executable, str(REPO / "bench" / "xla_host_devices.py"), "--device_counts", "1,2",
+       "--train_steps", "2", "--sample_batch", "4", "--sample_steps", "2", "--repeats", "1",
+       "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert json.loads(result.stdout) == report
+  assert [r["devices"] for r in report["results"]] == [1, 2]
+  keys = ("train_steps_per_s", "sample_image_steps_per_s")
+  for r in report["results"]:
+    assert all(math.isfinite(r[k]) and r[k] > 0 for k in keys)
+  first, second = report["ratios_vs_first"]
+  assert all(first[k] == 1.0 for k in keys)
+  assert all(second[k] == pytest.approx(report["results"][1][k] / report["results"][0][k])
+             for k in keys)
+
+
+def test_xla_host_devices_rejects_counts_that_do_not_divide_the_batch():
+  result = subprocess.run(
+      [sys.executable, str(REPO / "bench" / "xla_host_devices.py"), "--device_counts", "1,3",
+       "--sample_batch", "4"], capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and "must be positive and divide" in result.stderr
