@@ -297,7 +297,10 @@ def reference_images(builder: tfds.core.DatasetBuilder, split: str, image_size: 
       image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
     return image
 
-  ds = builder.as_dataset(split=split, shuffle_files=False).take(MAX_REFERENCE_IMAGES)
+  # One pass over part of the split: TFDS's auto-cache would only warn about the unread rest.
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                         read_config=tfds.ReadConfig(try_autocache=False))
+  ds = ds.take(MAX_REFERENCE_IMAGES)
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(1000)
   return np.concatenate(list(tfds.as_numpy(ds)))
 
