@@ -29,7 +29,7 @@ def measure(config_path: str, train_steps: int, sample_batch: int, sample_steps:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from cfdg_jax import sampler, sharding, trainer, unet  # pylint: disable=import-outside-toplevel
+  from cfdg_jax import pipeline, sharding, trainer, unet  # pylint: disable=import-outside-toplevel
 
   config = runpy.run_path(config_path)["get_config"]()
   mesh = sharding.create_mesh()
@@ -60,11 +60,10 @@ def measure(config_path: str, train_steps: int, sample_batch: int, sample_steps:
       state, _ = step_fn(state, batch, jax.random.key(1))
     jax.block_until_ready(state)
 
-  sample_fn = sampler.make_sample_fn(model, config, mesh, state_sharding.ema_params,
-                                     num_steps=sample_steps)
+  pipe = pipeline.Pipeline(pipeline.Network(model, config, state_sharding.ema_params),
+                           state.ema_params, mesh)
   labels = np.arange(sample_batch) % classes
-  sample = lambda: sampler.generate(sample_fn, state.ema_params, jax.random.key(2), labels, 1.0,
-                                    mesh)
+  sample = lambda: pipe.sample(labels, 1.0, num_steps=sample_steps, seed=2)
   train_seconds, sample_seconds = best_seconds(train), best_seconds(sample)
   return {"devices": jax.device_count(), "train_steps_per_s": train_steps / train_seconds,
           "sample_image_steps_per_s": sample_batch * sample_steps / sample_seconds}

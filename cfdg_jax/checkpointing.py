@@ -14,6 +14,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from cfdg_jax import guidance
+from cfdg_jax import samplers
 from cfdg_jax import sharding
 from cfdg_jax import unet
 
@@ -63,7 +65,31 @@ def restore_ema_params(manager: ocp.CheckpointManager, step: int, abstract_param
 
 def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
   restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return ml_collections.ConfigDict(restored.config)
+  return upgrade_config(ml_collections.ConfigDict(restored.config))
+
+
+def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A config saved before the sampler and guidance sections, in today's layout (else as is).
+
+  Then config.sample held {num_steps, v, clip_x, guidance: the grid's w, num_per_class} and
+  config.eval {guidance: the w, num_steps, v, step_sweep_guidance, ...}.
+  """
+  sample = config.get("sample")
+  if sample is None or "sampler" in sample:
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  old = config.sample
+  config.sample = ml_collections.ConfigDict({
+      "sampler": samplers.config_section("ancestral", old.num_steps, ancestral={"v": old.v}),
+      "guidance": guidance.config_section(clip_x=old.clip_x), "w": old.guidance,
+      "num_per_class": old.num_per_class})
+  if "eval" in config and "guidance" in config.eval and "w" not in config.eval:
+    e = config.eval.to_dict()
+    v = old.v if e.pop("v") is None else e["v"]
+    e.update(w=e.pop("guidance"), samplers=(f"ancestral(num_steps={e.pop('num_steps')},v={v})",),
+             guidance=("cfg",), step_sweep_w=e.pop("step_sweep_guidance"), labels="balanced")
+    config.eval = ml_collections.ConfigDict(e)
+  return config
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -3,21 +3,29 @@
   python -m cfdg_jax.evaluate --workdir /tmp/cfdg_digits --config configs/digits.py \
       --config.eval.classifier_dir=/tmp/cls_digits [--step N] [--watch] [--poll_seconds 30]
 
-Every checkpoint not yet evaluated (or only --step's) is scored, oldest first, at the sampler
-settings of the config's `eval` section (see configs/digits.py). With --watch the job runs beside
+Every checkpoint not yet evaluated (or only --step's) is scored, oldest first, at the points of
+the config's `eval` section (configs/common.py): its samplers × guidance settings × w, and a
+sweep of the first sampler's num_steps. The sampler flags (--sampler NAME --steps N
+--ddim.eta=..., cfdg_jax/sampling_flags.py) replace eval.samplers with one setting, the guidance
+flags (--rescale=..., --interval_lo=..., --guide_workdir=...) eval.guidance. With --watch the job runs beside
 training: it waits for new checkpoints (and for the workdir to appear) and exits once the
 checkpoint at the run's num_train_steps (or --step's) is scored. Without --config, each
 checkpoint's own config supplies `eval`; with it, only the file's `eval` section is used (plus
 any --config.eval.* overrides).
 
-Results go to <workdir>/eval/: results.jsonl (one row per checkpoint, w, T, v, num_samples and
-seed; a restart recomputes nothing recorded there), TensorBoard scalars and tradeoff.png.
+Results go to <workdir>/eval/: results.jsonl (one row per checkpoint and point, keyed by the
+settings' canonical forms, the label protocol, num_samples, seed and the metric networks'
+weights; a restart recomputes nothing recorded there), TensorBoard scalars, tradeoff.png and
+nfe.png.
 """
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from cfdg_jax import guidance
 from cfdg_jax import runtime
+from cfdg_jax import sampling_flags
+from cfdg_jax import specs
 from cfdg_jax.eval import evaluator
 
 config_flags.DEFINE_config_file(
@@ -41,9 +49,19 @@ def main(argv):
     raise app.UsageError(f"--step={FLAGS.step}: checkpoint steps are positive.")
   if FLAGS.config is not None and "eval" not in FLAGS.config:
     raise app.UsageError("The --config file has no `eval` section; use one of configs/*.py.")
+  sampler_spec = sampling_flags.sampler_spec(default_name=None)
+  overrides = sampling_flags.guidance_overrides()
+  guidance_spec = specs.format_spec("cfg", overrides) if overrides else None
+  if guidance_spec:
+    try:
+      guidance.parse(guidance_spec, guidance.config_section())
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
   runtime.initialize()
   evaluator.evaluate_workdir(FLAGS.workdir, FLAGS.config.eval if FLAGS.config else None,
-                             step=FLAGS.step, watch=FLAGS.watch, poll_seconds=FLAGS.poll_seconds)
+                             step=FLAGS.step, watch=FLAGS.watch, poll_seconds=FLAGS.poll_seconds,
+                             sampler_specs=sampler_spec and (sampler_spec,),
+                             guidance_specs=guidance_spec and (guidance_spec,))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Samples from a trained model's EMA weights (an Orbax checkpoint in a training workdir).
 
-  python -m cfdg_jax.sample --workdir /tmp/cfdg_digits --guidance 0,1,3 --num_per_class 8 \
-      --out grid.png [--npz samples.npz] [--step N] [--steps T] [--v_exponent 0.3] [--seed 0]
+  python -m cfdg_jax.sample --workdir /tmp/cfdg_digits --w 0,1,3 --num_per_class 8 \
+      --out grid.png [--npz samples.npz] [--step N] [--sampler dpmpp_2m --steps 20] [--seed 0]
 
-The grid has one panel per guidance strength w, one row per class. The .npz holds `images`
-(uint8 N×H×W×C), `labels` (int N) and `w` (float N) for scoring by other tools.
+Sampler and guidance flags (cfdg_jax/sampling_flags.py) override the checkpoint's config.sample,
+e.g. --sampler ddim --ddim.eta=0.5, --rescale=0.7, --interval_lo=-3.4 --interval_hi=2.6, or
+autoguidance with --guide_workdir DIR [--guide_step N]. The grid has one panel per guidance
+strength w, one row per class. The .npz holds `images` (uint8 N×H×W×C), `labels` (int N) and `w`
+(float N) for scoring by other tools.
 """
 import io
 
@@ -15,20 +18,17 @@ from absl import flags
 from absl import logging
 from etils import epath
 
-from cfdg_jax import checkpointing
+from cfdg_jax import guidance
 from cfdg_jax import images
+from cfdg_jax import pipeline
 from cfdg_jax import runtime
-from cfdg_jax import sampler
-from cfdg_jax import sharding
-from cfdg_jax import unet
+from cfdg_jax import sampling_flags
 
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
-flags.DEFINE_list("guidance", ["0", "1", "3"], "Guidance strengths w (paper convention; s = 1 + w).")
+flags.DEFINE_list("w", ["0", "1", "3"], "Guidance strengths w (paper convention; s = 1 + w).")
 flags.DEFINE_integer("num_per_class", 8, "Samples per class and per w.")
-flags.DEFINE_integer("steps", None, "Sampling steps T (default: the config's sample.num_steps).")
-flags.DEFINE_float("v_exponent", None, "Variance exponent v of Algorithm 2 (default: the "
-                   "config's sample.v). Not --v: absl reserves that for log verbosity.")
+flags.DEFINE_integer("batch_size", None, "Images per compiled call (default: all at once).")
 flags.DEFINE_integer("seed", 0, "Sampling seed: the same seed gives the same images.")
 flags.DEFINE_string("out", None, "PNG grid to write (default: <workdir>/sample_<step>.png).")
 flags.DEFINE_string("npz", None, "Optional .npz of the samples, labels and w.")
@@ -36,42 +36,55 @@ flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 
-def parse_guidance(values: list[str]) -> tuple[float, ...]:
+def parse_w(values: list[str]) -> tuple[float, ...]:
   try:
-    return tuple(float(w) for w in values)
+    ws = tuple(float(w) for w in values)
   except ValueError as e:
-    raise app.UsageError(f"--guidance takes comma-separated numbers, e.g. 0,1,3; got {values}.") from e
+    raise app.UsageError(f"--w takes comma-separated numbers, e.g. 0,1,3; got {values}.") from e
+  if not ws or not np.all(np.isfinite(ws)):
+    raise app.UsageError(f"--w takes finite numbers, e.g. 0,1,3; got {values}.")
+  return ws
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  guidance = parse_guidance(FLAGS.guidance)
+  ws = parse_w(FLAGS.w)
   if FLAGS.num_per_class < 1:
     raise app.UsageError("--num_per_class must be at least 1.")
-  if FLAGS.steps is not None and FLAGS.steps < 2:
-    raise app.UsageError("--steps must be at least 2.")
+  if FLAGS.batch_size is not None and FLAGS.batch_size < 1:
+    raise app.UsageError("--batch_size must be at least 1.")
+  overrides = sampling_flags.guidance_overrides()
   runtime.initialize()
-  mesh = sharding.create_mesh()
   try:
-    config, step, params, params_sharding = checkpointing.load_ema_params(
-        FLAGS.workdir, mesh, FLAGS.step)
+    pipe = pipeline.load(FLAGS.workdir, FLAGS.step)
+    config = pipe.config
+    settings = pipe.settings(sampling_flags.sampler_spec(config.sample.sampler.name))
+    section = {**config.sample.guidance, **overrides}
+    guide = None
+    if section["guide_workdir"]:
+      guide = pipeline.load(section["guide_workdir"], section["guide_step"], mesh=pipe.mesh)
+      pipeline.check_guide(config, guide.config)
+    guide_settings = guidance.settings_from_config({**section, "guide_step": guide and guide.step})
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from e
-  model = unet.create_model(config)
-  num_steps = FLAGS.steps or config.sample.num_steps
-  v = config.sample.v if FLAGS.v_exponent is None else FLAGS.v_exponent
-  sample_fn = sampler.make_sample_fn(model, config, mesh, params_sharding,
-                                     num_steps=num_steps, v=v)
-  labels, w, ids = sampler.class_sweep(config.data.num_classes, FLAGS.num_per_class, guidance)
-  logging.info("Sampling %d images from step %d (T = %d, v = %g, w = %s).", labels.size, step,
-               num_steps, v, FLAGS.guidance)
-  samples = sampler.generate(sample_fn, params, jax.random.key(FLAGS.seed), labels, w, mesh, ids)
+
+  labels, w, ids = pipeline.class_sweep(config.data.num_classes, FLAGS.num_per_class, ws)
+  options = guidance.make_options(labels.size, w, **guide_settings.option_values())
+  logging.info("Sampling %d images from step %d: %s, %s%s, w = %s.", labels.size, pipe.step,
+               settings.canonical, guide_settings.canonical,
+               f" (guide {guide.name})" if guide else "", ", ".join(f"{x:g}" for x in ws))
+  samples = np.concatenate([batch for _, batch in pipe.sample_batches(
+      labels, options, ids, settings=settings, seed=FLAGS.seed, guide=guide,
+      clip_x=guide_settings.clip_x, batch_size=FLAGS.batch_size, progress=True)])
+  stats = pipe.last_stats
+  logging.info("%d images in %.1f s: %d denoiser evaluations per image; %d network calls on %d "
+               "examples in all (a guided step is one call on 2B examples).", labels.size,
+               stats["seconds"], stats["nfe"], stats["network_calls"], stats["examples"])
 
   if jax.process_index() == 0:
-    out = FLAGS.out or str(epath.Path(FLAGS.workdir) / f"sample_{step}.png")
-    images.write_sample_grid(out, samples, config.data.num_classes, guidance,
-                             FLAGS.num_per_class)
+    out = FLAGS.out or str(epath.Path(FLAGS.workdir) / f"sample_{pipe.step}.png")
+    images.write_sample_grid(out, samples, config.data.num_classes, ws, FLAGS.num_per_class)
     logging.info("Wrote %s.", out)
     if FLAGS.npz:
       buffer = io.BytesIO()

@@ -16,9 +16,11 @@ from clu import periodic_actions
 
 from cfdg_jax import checkpointing
 from cfdg_jax import diffusion
+from cfdg_jax import guidance
 from cfdg_jax import images
 from cfdg_jax import input_pipeline
-from cfdg_jax import sampler
+from cfdg_jax import pipeline
+from cfdg_jax import samplers
 from cfdg_jax import sharding
 from cfdg_jax import unet
 
@@ -121,8 +123,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 "keep_checkpoints"):
     if config[field] <= 0:
       raise ValueError(f"config.{field}={config[field]} must be a positive integer.")
-  if config.sample.num_steps < 2:
-    raise ValueError(f"config.sample.num_steps={config.sample.num_steps}: the sampler needs >= 2.")
+  for name, check in (("sampler", samplers.settings_from_config),
+                      ("guidance", guidance.settings_from_config)):
+    try:
+      check(config.sample[name])
+    except ValueError as e:
+      raise ValueError(f"config.sample.{name}: {e}") from e
   try:
     jnp.dtype(config.model.dtype)
   except TypeError as e:
@@ -189,10 +195,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   train_iter = input_pipeline.create_train_iterator(
       config.data, global_batch_size=config.batch_size, seed=config.seed + start_step)
   step_fn = make_train_step(model, tx, config, mesh, state_sharding)
-  sample_fn = sampler.make_sample_fn(model, config, mesh, state_sharding.ema_params)
-  sweep = tuple(config.sample.guidance)
-  sweep_labels, sweep_w, sweep_ids = sampler.class_sweep(config.data.num_classes,
-                                                         config.sample.num_per_class, sweep)
+  settings = samplers.settings_from_config(config.sample.sampler)
+  grid_guidance = guidance.settings_from_config(config.sample.guidance)
+  sample_fn = pipeline.make_sample_fn(
+      pipeline.Network(model, config, state_sharding.ema_params), mesh, settings,
+      clip_x=grid_guidance.clip_x)
+  sweep = tuple(config.sample.w)
+  sweep_labels, sweep_w, sweep_ids = pipeline.class_sweep(config.data.num_classes,
+                                                          config.sample.num_per_class, sweep)
+  sweep_options = guidance.make_options(len(sweep_labels), sweep_w,
+                                        **grid_guidance.option_values())
 
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
   report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer,
@@ -214,14 +226,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if step % config.sample_every == 0 or is_last:
       with report.timed("sample"):
         # The same draws every time, so successive grids show the model's progress.
-        samples = sampler.generate(sample_fn, state.ema_params, rng_sample, sweep_labels, sweep_w,
-                                   mesh, sweep_ids)
+        samples, _ = pipeline.generate(sample_fn, state.ema_params, rng_sample, sweep_labels,
+                                       sweep_options, mesh, sweep_ids)
         if is_chief:
           path = os.path.join(workdir, f"samples_{step:08d}.png")
           images.write_sample_grid(path, samples, config.data.num_classes, sweep,
                                    config.sample.num_per_class)
-          logging.info("Wrote %s (EMA samples, w = %s, T = %d).", path,
-                       ", ".join(f"{w:g}" for w in sweep), config.sample.num_steps)
+          logging.info("Wrote %s (EMA samples, w = %s, %s).", path,
+                       ", ".join(f"{w:g}" for w in sweep), settings.canonical)
   manager.wait_until_finished()
   writer.flush()
   return state

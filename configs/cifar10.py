@@ -8,7 +8,12 @@ github.com/hojonathanho/diffusion scripts/run_cifar.py), with ADM's scale-shift 
 CFG paper's (Ho & Salimans, 2022, Section 4), which has no CIFAR-10 experiment. DDPM trained
 800k steps in 10.6 hours on a TPU v3-8.
 """
+import pathlib
+import runpy
+
 import ml_collections
+
+common = runpy.run_path(str(pathlib.Path(__file__).with_name("common.py")))
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -70,12 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.sample_every = 50_000
 
-  config.sample = ml_collections.ConfigDict()
-  config.sample.num_steps = 256  # T: the CFG paper's choice of 128/256/1024 (Section 4.3).
-  config.sample.v = 0.3  # The CFG paper's 64x64 value (Section 4.1); it gives none for 32x32.
-  config.sample.clip_x = True  # Not stated in the papers; keeps x-predictions in the data range.
-  config.sample.guidance = (0.0, 1.0, 3.0)  # The w of the CFG paper's 64x64 sample figure.
-  config.sample.num_per_class = 8
+  # T: the CFG paper's choice of 128/256/1024 (Section 4.3); v: its 64x64 value (Section 4.1),
+  # as it gives none for 32x32.
+  config.sample = common["sample_config"](num_steps=256, v=0.3)
 
   config.sharding = ml_collections.ConfigDict()
   # Parameters, EMA and two Adam moments: 0.6 GB, cheap to replicate on every device.
@@ -85,23 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Evaluation (python -m cfdg_jax.evaluate --workdir DIR --config configs/cifar10.py
   # --config.eval.inception_weights=inception.msgpack): FID and IS of 50,000 samples against the
   # training set, the usual CIFAR-10 protocol.
-  config.eval = ml_collections.ConfigDict()
-  config.eval.guidance = (0.0, 0.1, 0.3, 0.5, 1.0, 2.0, 4.0)  # w from 0 to 4, as the CFG paper.
-  config.eval.num_steps = 256  # T of the w sweep: sample.num_steps.
-  # A sweep of T at two w (points already in the w sweep are not sampled twice).
-  config.eval.step_sweep = (32, 64, 128, 256)
-  config.eval.step_sweep_guidance = (0.3, 1.0)
-  config.eval.v = ml_collections.config_dict.placeholder(float)  # None: sample.v.
-  config.eval.num_samples = 50_000  # Per (w, T) point: FID-50k.
-  config.eval.batch_size = 1024  # Images per sampler call; a multiple of the device count.
-  config.eval.seed = 0  # Every checkpoint is scored on the same noise draws.
-  # Weights from python -m cfdg_jax.eval.convert_inception (pytorch-fid's .pth also gives IS);
-  # None: no Inception metrics.
-  config.eval.inception_weights = ml_collections.config_dict.placeholder(str)
-  # A CIFAR-10 classifier (python -m cfdg_jax.eval.train_classifier); None: no classifier metrics.
-  config.eval.classifier_dir = ml_collections.config_dict.placeholder(str)
-  config.eval.reference_split = "train"  # All 50,000 training images, the FID convention.
-  # Directory of the cached reference statistics; None: <workdir>/eval.
-  config.eval.reference_cache = ml_collections.config_dict.placeholder(str)
-  config.eval.precision_recall_k = 3  # Kynkäänniemi et al. (2019).
+  # FID-50k against all 50,000 training images, the usual protocol.
+  config.eval = common["eval_config"](sampler_specs=("ancestral(num_steps=256)",),
+                                      num_samples=50_000, batch_size=1024)
   return config

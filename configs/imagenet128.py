@@ -40,18 +40,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 256  # ADM, Table 11.
   config.num_train_steps = 2_700_000  # CFG paper, Section 4.1 (ADM trained 4360K).
 
-  # CFG paper, Section 4.3 and Table 2: of T in {128, 256, 1024}, 256 balances quality and speed.
-  config.sample.num_steps = 256
-  config.sample.v = 0.2  # CFG paper, Section 4.1.
-  # The w of the paper's 128x128 sample figure (best FID at w = 0.3, best IS at w = 4; Table 2).
-  # The grid is one batch of 3000 images: trim guidance if it does not fit in memory.
-  config.sample.guidance = (0.0, 1.0, 4.0)
+  # CFG paper, Section 4.3 and Table 2: of T in {128, 256, 1024}, 256 balances quality and speed;
+  # v: Section 4.1. The w of the paper's 128x128 sample figure (best FID at w = 0.3, best IS at
+  # w = 4; Table 2). The grid is one batch of 3000 images: trim w if it does not fit in memory.
+  config.sample.sampler.num_steps = 256
+  config.sample.sampler.ancestral.v = 0.2
+  config.sample.w = (0.0, 1.0, 4.0)
 
   # Parameters, EMA and two Adam moments take 16 bytes a parameter: ~6.7 GB replicated, over 40%
   # of a 16 GB TPU core (v3, v5e) before activations; FSDP stays on (see configs/imagenet64.py).
 
   # Evaluation: the paper's protocol as at 64x64; its step study (Section 4.3, Table 2) was made
   # at this resolution, at T = 256 for the w sweep.
-  config.eval.num_steps = 256
+  config.eval.samplers = ("ancestral(num_steps=256)",)
   config.eval.batch_size = 512  # Images per sampler call; a multiple of the device count.
   return config

@@ -14,7 +14,12 @@ Each image is centre-cropped and resized to 64x64 with an antialiased filter, wh
 the paper's area downsampling. TFDS's "downsampled_imagenet/64x64" has no labels (it only suits
 an unconditional model); "imagenet_resized/64x64" has labels but squashes whole images to a square.
 """
+import pathlib
+import runpy
+
 import ml_collections
+
+common = runpy.run_path(str(pathlib.Path(__file__).with_name("common.py")))
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -76,17 +81,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.sample_every = 50_000
 
-  config.sample = ml_collections.ConfigDict()
   # The paper states T only for its 128x128 model (Section 4.3: 256 balances quality and speed);
-  # chosen the same here.
-  config.sample.num_steps = 256
-  config.sample.v = 0.3  # CFG paper, Section 4.1.
-  config.sample.clip_x = True  # Not stated in the papers; keeps x-predictions in the data range.
-  # The w of the paper's 64x64 sample figure (best FID at w = 0.1, best IS at w >= 4; Table 1).
-  # The grid is one batch of 1000 classes x num_per_class x len(guidance) = 3000 images; trim
-  # guidance if it does not fit in memory.
-  config.sample.guidance = (0.0, 1.0, 3.0)
-  config.sample.num_per_class = 1
+  # chosen the same here; v: CFG paper, Section 4.1. The w are those of the paper's 64x64 sample
+  # figure (best FID at w = 0.1, best IS at w >= 4; Table 1). The grid is one batch of 1000
+  # classes x num_per_class x len(w) = 3000 images; trim w if it does not fit in memory.
+  config.sample = common["sample_config"](num_steps=256, v=0.3, num_per_class=1)
 
   # Parameters, EMA and two Adam moments take 16 bytes a parameter: ~4.7 GB replicated, a third
   # of a 16 GB TPU core (v3, v5e) before activations. FSDP splits the large tensors over all
@@ -98,27 +97,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Evaluation (python -m cfdg_jax.evaluate --workdir DIR --config configs/imagenet64.py
   # --config.eval.inception_weights=inception.msgpack): the CFG paper's protocol, FID and IS of
-  # 50,000 samples per w (Section 4). A full sweep samples 550,000 images per checkpoint: cut
-  # eval.guidance, eval.step_sweep or eval.num_samples for quicker looks.
-  config.eval = ml_collections.ConfigDict()
-  config.eval.guidance = (0.0, 0.1, 0.3, 0.5, 1.0, 2.0, 4.0)  # w from 0 to 4, as Tables 1 and 2.
-  config.eval.num_steps = 256  # T of the w sweep: sample.num_steps.
-  # The T of the paper's step study (Section 4.3, at 128x128), at the w of the best FID and the
-  # best IS at 128x128 (Table 2).
-  config.eval.step_sweep = (128, 256, 1024)
-  config.eval.step_sweep_guidance = (0.3, 4.0)
-  config.eval.v = ml_collections.config_dict.placeholder(float)  # None: sample.v.
-  config.eval.num_samples = 50_000  # Per (w, T) point, as the paper (and ADM).
-  config.eval.batch_size = 1024  # Images per sampler call; a multiple of the device count.
-  config.eval.seed = 0  # Every checkpoint is scored on the same noise draws.
-  # Weights from python -m cfdg_jax.eval.convert_inception; pytorch-fid's .pth also gives IS.
-  # None: no Inception metrics.
-  config.eval.inception_weights = ml_collections.config_dict.placeholder(str)
-  # A trained classifier's directory; None: no classifier metrics.
-  config.eval.classifier_dir = ml_collections.config_dict.placeholder(str)
-  # The FID convention (ADM's reference batches are training images); its first 50,000 images.
-  config.eval.reference_split = "train"
-  # Directory of the cached reference statistics (a gs:// path on a pod); None: <workdir>/eval.
-  config.eval.reference_cache = ml_collections.config_dict.placeholder(str)
-  config.eval.precision_recall_k = 3  # Kynkäänniemi et al. (2019), as ADM's evaluator.
+  # 50,000 samples per point (Section 4), as ADM. A full sweep samples 550,000 images per
+  # checkpoint: cut eval.w, eval.step_sweep or eval.num_samples for quicker looks. The step
+  # sweep: the T of the paper's step study (Section 4.3, at 128x128), at the w of the best FID
+  # and the best IS there (Table 2).
+  config.eval = common["eval_config"](sampler_specs=("ancestral(num_steps=256)",),
+                                      num_samples=50_000, batch_size=1024,
+                                      step_sweep=(128, 256, 1024), step_sweep_w=(0.3, 4.0))
   return config

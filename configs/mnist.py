@@ -14,7 +14,12 @@ The CFG paper (Ho & Salimans, 2022) has no MNIST experiment: the diffusion and s
 are its ImageNet ones (Section 4); the network is a small DDPM/ADM-style UNet chosen here for
 the budget.
 """
+import pathlib
+import runpy
+
 import ml_collections
+
+common = runpy.run_path(str(pathlib.Path(__file__).with_name("common.py")))
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -77,12 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.sample_every = 10_000
 
-  config.sample = ml_collections.ConfigDict()
-  config.sample.num_steps = 128  # T: the cheapest of the CFG paper's 128/256/1024 (Section 4.3).
-  config.sample.v = 0.3  # The CFG paper's 64x64 value (Section 4.1); none for 28x28.
-  config.sample.clip_x = True  # Not stated in the papers; keeps x-predictions in the data range.
-  config.sample.guidance = (0.0, 1.0, 3.0)  # The w of the CFG paper's 64x64 sample figure.
-  config.sample.num_per_class = 8
+  # T: the cheapest of the CFG paper's 128/256/1024 (Section 4.3); v: its 64x64 value (4.1).
+  config.sample = common["sample_config"](num_steps=128, v=0.3)
 
   config.sharding = ml_collections.ConfigDict()
   config.sharding.fsdp = False  # 6.9M parameters: replicating them is cheap.
@@ -94,24 +95,8 @@ def get_config() -> ml_collections.ConfigDict:
   #   python -m cfdg_jax.eval.train_classifier --config configs/mnist.py --out_dir /tmp/cls_mnist
   #   python -m cfdg_jax.evaluate --workdir /tmp/cfdg_mnist --config configs/mnist.py \
   #       --config.eval.classifier_dir=/tmp/cls_mnist
-  config.eval = ml_collections.ConfigDict()
-  config.eval.guidance = (0.0, 0.1, 0.3, 0.5, 1.0, 2.0, 4.0)  # w from 0 to 4, as the CFG paper.
-  config.eval.num_steps = 128  # T of the w sweep: sample.num_steps.
-  # A sweep of T at two w (points already in the w sweep are not sampled twice).
-  config.eval.step_sweep = (32, 64, 128, 256)
-  config.eval.step_sweep_guidance = (0.3, 1.0)
-  config.eval.v = ml_collections.config_dict.placeholder(float)  # None: sample.v.
-  # Per (w, T) point: 100 per class, a quick check on one GPU. FID is biased upwards at small N:
+  # Per point: 100 per class, a quick check on one GPU. FID is biased upwards at small N:
   # compare numbers at equal num_samples only.
-  config.eval.num_samples = 1000
-  config.eval.batch_size = 512  # Images per sampler call; a multiple of the device count.
-  config.eval.seed = 0  # Every checkpoint is scored on the same noise draws.
-  # Weights from python -m cfdg_jax.eval.convert_inception; None: no Inception metrics.
-  config.eval.inception_weights = ml_collections.config_dict.placeholder(str)
-  # A trained classifier's directory; None: no classifier metrics.
-  config.eval.classifier_dir = ml_collections.config_dict.placeholder(str)
-  config.eval.reference_split = "train"  # The FID convention; its first 50,000 images.
-  # Directory of the cached reference statistics; None: <workdir>/eval.
-  config.eval.reference_cache = ml_collections.config_dict.placeholder(str)
-  config.eval.precision_recall_k = 3  # Kynkäänniemi et al. (2019).
+  config.eval = common["eval_config"](sampler_specs=("ancestral(num_steps=128)",),
+                                      num_samples=1000, batch_size=512)
   return config

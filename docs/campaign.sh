@@ -57,7 +57,7 @@ final() {  # p_uncond seed name [flags]: the final checkpoint, which the sweeps 
 # then the final one (two w each); the sweeps below reuse the final checkpoint's rows.
 train 0.2 0 "$half" &
 trainer=$!
-evaluate 0.2 0 watch --watch --poll_seconds 10 --config.eval.guidance="(0.0,1.0)" \
+evaluate 0.2 0 watch --watch --poll_seconds 10 --config.eval.w="(0.0,1.0)" \
     --config.eval.step_sweep="()"
 wait $trainer
 for p in 0.1 0.5; do train $p 0; done

@@ -4,10 +4,12 @@
 
 Each WORKDIR is a training run (its config.json gives p_uncond and the training seed) scored by
 python -m cfdg_jax.evaluate (its eval/results.jsonl). Only each run's newest evaluated step is
-used. Writes <out_prefix>_tradeoff.png (classifier-FID against classifier-IS and accuracy against
-w, at the main T) and, once a T sweep is evaluated, <out_prefix>_steps.png (the metrics against
-T), and prints the Markdown tables. A cell is the mean over the replicates found (training seeds x
-sampling seeds) +- their standard deviation; the replicate count is in the table header.
+used, and only rows of the paper's sampler (ancestral) with plain guidance and class-balanced
+labels (docs/samplers.md has the other samplers). Writes <out_prefix>_tradeoff.png
+(classifier-FID against classifier-IS and accuracy against w, at the main T) and, once a T sweep
+is evaluated, <out_prefix>_steps.png (the metrics against T), and prints the Markdown tables. A
+cell is the mean over the replicates found (training seeds x sampling seeds) +- their standard
+deviation, with the replicate count n of that cell.
 """
 import argparse
 import collections
@@ -29,6 +31,11 @@ def load_rows(workdirs):
     config = json.loads((workdir / "config.json").read_text())
     run_rows = [json.loads(line) for line in
                 (workdir / "eval" / "results.jsonl").read_text().splitlines() if line.strip()]
+    # Rows of earlier versions have no sampler, guidance or labels fields: all were these.
+    run_rows = [r for r in run_rows if r.get("sampler", "ancestral").startswith("ancestral(")
+                or "sampler" not in r]
+    run_rows = [r for r in run_rows if (r.get("guidance", "cfg"), r.get("labels", "balanced"))
+                == ("cfg", "balanced")]
     last = max(r["step"] for r in run_rows)
     rows += [dict(r, p_uncond=config["diffusion"]["p_uncond"], train_seed=config["seed"])
              for r in run_rows if r["step"] == last]
@@ -43,14 +50,11 @@ def group(rows, *fields):
 
 
 def cell(rows, metric, fmt):
+  """mean ± sd (n) over the cell's replicates."""
   values = np.array([r[metric] for r in rows])
   if len(values) == 1:
-    return fmt.format(values[0])
-  return f"{fmt.format(values.mean())} ± {fmt.format(values.std(ddof=1))}"
-
-
-def replicates(rows):
-  return len({(r["train_seed"], r["seed"]) for r in rows})
+    return f"{fmt.format(values[0])} (n = 1)"
+  return f"{fmt.format(values.mean())} ± {fmt.format(values.std(ddof=1))} (n = {len(values)})"
 
 
 _SYMBOLS = {"w": "w", "num_steps": "T"}
@@ -60,10 +64,8 @@ def print_table(rows, title, row_field, metric, fmt):
   """One Markdown table: a row per `row_field` value, a column per p_uncond."""
   by = group(rows, "p_uncond", row_field)
   ps = sorted({r["p_uncond"] for r in rows})
-  counts = [replicates([r for r in rows if r["p_uncond"] == p]) for p in ps]
   print(f"\n{title}\n")
-  print(f"| {_SYMBOLS[row_field]} | " + " | ".join(f"p_uncond = {p} (n = {n})" for p, n in zip(ps, counts))
-        + " |")
+  print(f"| {_SYMBOLS[row_field]} | " + " | ".join(f"p_uncond = {p}" for p in ps) + " |")
   print("|---" * (len(ps) + 1) + "|")
   for value in sorted({r[row_field] for r in rows}):
     print(f"| {value:g} | " + " | ".join(cell(by[p, value], metric, fmt) if by[p, value] else "–"

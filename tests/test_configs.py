@@ -8,9 +8,11 @@ import pytest
 
 from cfdg_jax import trainer
 from cfdg_jax import unet
-from cfdg_jax.eval import evaluator
+from cfdg_jax.eval import plan
 
-CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+# Every experiment config; common.py holds the sections they share.
+CONFIGS = sorted(p for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py")
+                 if p.stem != "common")
 # Parameters (millions); the ImageNet ones match ADM's 296M and 422M (Dhariwal & Nichol, 2021).
 EXPECTED_PARAMS_M = {"digits": 1.082, "mnist": 6.950, "fashion_mnist": 6.950, "mnist_cpu": 0.288,
                      "cifar10": 38.313, "imagenet64": 295.900, "imagenet128": 421.524}
@@ -22,7 +24,7 @@ def test_config_is_valid(path):
   trainer.check_config(config)
   with config.unlocked():
     config.eval.classifier_dir = "dir"  # Left to the user: a network to measure with.
-  evaluator.check_eval_config(config.eval, jax.device_count())
+  plan.check_eval_config(config.eval, jax.device_count(), config.sample)
   model = unet.create_model(config)
   shapes = jax.eval_shape(functools.partial(unet.init_params, model=model, config=config),
                           jax.random.key(0))

@@ -18,7 +18,7 @@ def test_two_processes_train_checkpoint_and_sample(tmp_path):
                "--config.checkpoint_every=2", "--config.sample_every=4", "--config.log_every=2",
                "--config.batch_size=8", "--config.model.base_channels=16",
                "--config.model.num_res_blocks=1", "--config.model.head_channels=16",
-               "--config.sample.num_steps=3", "--config.sample.num_per_class=1"]
+               "--config.sample.sampler.num_steps=3", "--config.sample.num_per_class=1"]
   result = subprocess.run(["bash", str(REPO / "launch" / "local_multiprocess.sh"), *overrides],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   logs = {p.name: p.read_text() for p in (workdir / "logs").glob("*.log")}

@@ -1,7 +1,9 @@
 """End to end on digits: train, checkpoint, resume, restore and sample; compile counts; bad input."""
 import contextlib
+import dataclasses
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -12,7 +14,7 @@ from jax import monitoring
 
 from cfdg_jax import checkpointing
 from cfdg_jax import input_pipeline
-from cfdg_jax import sampler
+from cfdg_jax import pipeline
 from cfdg_jax import sharding
 from cfdg_jax import trainer
 from cfdg_jax import unet
@@ -58,9 +60,9 @@ def tiny_config(data_dir, **overrides):
   config.log_every = 2
   config.checkpoint_every = 3
   config.sample_every = 6
-  config.sample.num_steps = 6
+  config.sample.sampler.num_steps = 6
   config.sample.num_per_class = 1
-  config.sample.guidance = (0.0, 2.0)
+  config.sample.w = (0.0, 2.0)
   for key, value in overrides.items():
     node = config
     *path, last = key.split(".")
@@ -83,21 +85,21 @@ def test_train_checkpoint_restore_sample_and_resume(tmp_path, data_dir):
   assert list((tmp_path / "run").glob("events.out.tfevents*"))  # TensorBoard scalars.
 
   # Sampling from the restored EMA weights gives the images of the in-memory state.
-  mesh = sharding.create_mesh()
-  restored_config, step, params, params_sharding = checkpointing.load_ema_params(workdir, mesh)
-  assert step == 6 and restored_config.to_json(sort_keys=True) == config.to_json(sort_keys=True)
-  model = unet.create_model(restored_config)
-  sample_fn = sampler.make_sample_fn(model, restored_config, mesh, params_sharding)
-  labels, w, ids = sampler.class_sweep(10, 2, (0.0, 3.0))
-  rng = jax.random.key(5)
-  from_disk = sampler.generate(sample_fn, params, rng, labels, w, mesh, ids)
-  from_memory = sampler.generate(sample_fn, state.ema_params, rng, labels, w, mesh, ids)
+  pipe = pipeline.load(workdir)
+  assert pipe.step == 6 and pipe.config.to_json(sort_keys=True) == config.to_json(sort_keys=True)
+  labels, w, ids = pipeline.class_sweep(10, 2, (0.0, 3.0))
+  from_disk = pipe.sample(labels, w, ids=ids, seed=5)
+  in_memory = dataclasses.replace(pipe, params=state.ema_params)
   assert from_disk.shape == (40, 8, 8, 1) and from_disk.dtype == np.uint8
-  np.testing.assert_array_equal(from_disk, from_memory)
-  jax.tree.map(np.testing.assert_array_equal, params, state.ema_params)
+  np.testing.assert_array_equal(from_disk, in_memory.sample(labels, w, ids=ids, seed=5))
+  jax.tree.map(np.testing.assert_array_equal, pipe.params, state.ema_params)
   # A sample depends on its id, not on the batch around it (here: 1 example, no padding peers).
-  alone = sampler.generate(sample_fn, params, rng, labels[-1:], w[-1:], mesh, ids[-1:])
+  alone = pipe.sample(labels[-1:], w[-1:], ids=ids[-1:], seed=5)
   np.testing.assert_array_equal(alone[0], from_disk[-1])
+  # The same images in batches of 16 (the last one padded) and with progress shown.
+  np.testing.assert_array_equal(pipe.sample(labels, w, ids=ids, seed=5, batch_size=16,
+                                            progress=True), from_disk)
+  assert pipe.last_stats["nfe"] == 6 and pipe.last_stats["examples"] > 0
 
   # A second run with a longer schedule resumes at step 6 (it does not start over).
   longer = tiny_config(data_dir, num_train_steps=9)
@@ -137,12 +139,16 @@ def test_train_step_and_sampler_compile_once(data_dir):
   assert not compiles, compiles
   assert int(state.step) == 5
 
-  sample_fn = sampler.make_sample_fn(model, config, mesh, state_sharding.ema_params)
-  sampler.generate(sample_fn, state.ema_params, rng, np.arange(10), 0.0, mesh)
-  with count_compiles() as compiles:
-    for w in (1.0, 3.0, np.linspace(0.0, 4.0, 10)):
-      sampler.generate(sample_fn, state.ema_params, rng, np.arange(10)[::-1], w, mesh)
-  assert not compiles, compiles
+  pipe = pipeline.Pipeline(pipeline.Network(model, config, state_sharding.ema_params),
+                           state.ema_params, mesh)
+  for sampler in ("ancestral", "dpmpp_2m(num_steps=4)"):
+    pipe.sample(np.arange(10), 0.0, sampler=sampler)
+    with count_compiles() as compiles:  # w and every guidance option are traced, per example.
+      for w, options in ((1.0, {}), (3.0, {"rescale": 0.5}),
+                         (np.linspace(0.0, 4.0, 10), {"interval_lo": np.linspace(-5, 5, 10),
+                                                      "apg_eta": 0.0})):
+        pipe.sample(np.arange(10)[::-1], w, sampler=sampler, **options)
+    assert not compiles, compiles
 
 
 def test_bad_configs_fail_before_compiling(data_dir):
@@ -157,6 +163,14 @@ def test_bad_configs_fail_before_compiling(data_dir):
       trainer.check_config(tiny_config(data_dir, **{"model.channel_mult": (1, 2, 2, 2, 2)}))
     with pytest.raises(ValueError, match="dtype"):
       trainer.check_config(tiny_config(data_dir, **{"model.dtype": "float17"}))
+    with pytest.raises(ValueError, match=r"config.sample.sampler: Unknown sampler 'dpm'"):
+      trainer.check_config(tiny_config(data_dir, **{"sample.sampler.name": "dpm"}))
+    with pytest.raises(ValueError, match=r"config.sample.sampler: v=1.5: the variance exponent"):
+      trainer.check_config(tiny_config(data_dir, **{"sample.sampler.ancestral.v": 1.5}))
+    with pytest.raises(ValueError, match=r"config.sample.sampler: num_steps=1: ancestral needs"):
+      trainer.check_config(tiny_config(data_dir, **{"sample.sampler.num_steps": 1}))
+    with pytest.raises(ValueError, match=r"config.sample.guidance: Guidance option rescale"):
+      trainer.check_config(tiny_config(data_dir, **{"sample.guidance.rescale": -1.0}))
   assert not compiles
 
 
@@ -182,7 +196,8 @@ def test_command_line_train_then_sample(tmp_path, data_dir):
            f"--config.data.data_dir={data_dir}", "--config.num_train_steps=2",
            "--config.batch_size=8", "--config.model.base_channels=16",
            "--config.model.num_res_blocks=1", "--config.model.head_channels=16",
-           "--config.log_every=1", "--config.sample.num_steps=3",
+           "--config.log_every=1", "--config.sample.sampler.num_steps=3",
+           "--config.checkpoint_every=1",
            "--config.sample.num_per_class=1"]
   result = _run("cfdg_jax.train", *flags)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -191,14 +206,44 @@ def test_command_line_train_then_sample(tmp_path, data_dir):
   assert again.returncode == 0 and "nothing to do" in again.stderr
 
   out, npz = tmp_path / "grid.png", tmp_path / "samples.npz"
-  result = _run("cfdg_jax.sample", "--workdir", workdir, "--guidance", "0,1,3",
-                "--num_per_class", "2", "--steps", "4", "--out", str(out), "--npz", str(npz))
+  result = _run("cfdg_jax.sample", "--workdir", workdir, "--w", "0,1,3", "--num_per_class", "2",
+                "--steps", "4", "--out", str(out), "--npz", str(npz))
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "images/s" in result.stderr and "4 denoiser evaluations per image" in result.stderr
   assert out.stat().st_size > 0
   data = np.load(npz)
   assert data["images"].shape == (60, 8, 8, 1) and data["images"].dtype == np.uint8
   np.testing.assert_array_equal(data["labels"], np.tile(np.repeat(np.arange(10), 2), 3))
   np.testing.assert_array_equal(data["w"], np.repeat([0.0, 1.0, 3.0], 20))
+
+  # The Python API gives the CLI's images for the same settings and seed, any sampler.
+  pipe = pipeline.load(workdir)
+  labels, w, ids = pipeline.class_sweep(10, 2, (0.0, 2.0))
+  for flags, kwargs in (([], {"num_steps": 4}),
+                        (["--sampler", "ddim", "--ddim.eta=0.5", "--rescale=0.5"],
+                         {"sampler": "ddim(eta=0.5)", "num_steps": 4, "rescale": 0.5}),
+                        (["--sampler", "dpmpp_2m", "--interval_lo=-2", "--interval_hi=2"],
+                         {"sampler": "dpmpp_2m", "num_steps": 4, "interval_lo": -2.0,
+                          "interval_hi": 2.0})):
+    result = _run("cfdg_jax.sample", "--workdir", workdir, "--w", "0,2", "--num_per_class", "2",
+                  "--steps", "4", "--seed", "3", "--npz", str(npz), "--out", str(out), *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(npz)["images"],
+                                  pipe.sample(labels, w, ids=ids, seed=3, **kwargs))
+
+  # Autoguidance by the earlier checkpoint, and bad flags, each with a clear message.
+  result = _run("cfdg_jax.sample", "--workdir", workdir, "--guide_workdir", workdir,
+                "--guide_step", "1", "--num_per_class", "1", "--steps", "3", "--out", str(out))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"autoguidance(guide_step=1,guide_workdir='{workdir}')" in result.stderr
+  for flags, message in ((["--sampler", "dpm"], "Unknown sampler 'dpm'"),
+                         (["--sampler", "ancestral", "--ddim.eta=0.5"],
+                          "--ddim.eta is a field of ddim, but the sampler is ancestral"),
+                         (["--rescale=2"], r"rescale = \[2.0\]"),
+                         (["--w", "1,x"], "--w takes comma-separated numbers"),
+                         (["--guide_step", "1"], "--guide_step needs --guide_workdir")):
+    bad = _run("cfdg_jax.sample", "--workdir", workdir, *flags)
+    assert bad.returncode != 0 and re.search(message, bad.stderr), (flags, bad.stderr[-2000:])
 
   missing = _run("cfdg_jax.sample", "--workdir", str(tmp_path / "nowhere"))
   assert missing.returncode != 0 and "No checkpoints" in missing.stderr

@@ -1,0 +1,149 @@
+"""The networks that measure samples (FID Inception, a data-set classifier), their reference
+statistics, and the metrics of one set of samples.
+
+A network is identified by the SHA-1 of its weights' bytes: results rows and cached reference
+statistics are keyed by it, so retrained weights in the same place never reuse old numbers.
+"""
+import dataclasses
+import hashlib
+import io
+import re
+import time
+from typing import Callable, Mapping, Sequence
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+from etils import epath
+
+from cfdg_jax import input_pipeline
+from cfdg_jax.eval import classifier
+from cfdg_jax.eval import inception
+from cfdg_jax.eval import metrics
+
+IS_SPLITS = 10  # The Inception Score's usual 10 chunks (metrics.inception_score).
+MAX_REFERENCE_IMAGES = 50_000  # The usual size of FID reference sets.
+
+
+def weights_digest(path: epath.PathLike) -> str:
+  """The first 16 hex digits of the SHA-1 of a weights file's bytes."""
+  return hashlib.sha1(epath.Path(path).read_bytes()).hexdigest()[:16]
+
+
+def classifier_digest(classifier_dir: str) -> str:
+  return weights_digest(epath.Path(classifier_dir) / classifier.WEIGHTS_FILE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  """A feature network for metrics: Inception ("" prefix) or the data-set classifier."""
+  prefix: str  # Of the metric names: "" (fid, is) or "classifier_" (classifier_fid, ...).
+  fn: Callable[[np.ndarray], dict[str, np.ndarray]]  # uint8 [N, H, W, C] -> outputs.
+  feature_key: str  # The [N, D] features for FID and precision/recall.
+  has_logits: bool
+  name: str  # "inception" or "classifier".
+  digest: str  # weights_digest of its weights: its identity in rows and reference caches.
+  info: dict  # Recorded in every row.
+
+
+def inception_network(weights: str) -> Network:
+  variables = inception.load_params(weights)
+  has_logits = "fc" in variables["params"]
+  if not has_logits:
+    logging.warning("The Inception weights %s have no logits layer: the Inception Score is "
+                    "omitted. Convert pytorch-fid's .pth to get it.", weights)
+  return Network("", inception.make_feature_fn(variables), "pool", has_logits, "inception",
+                 weights_digest(weights), {"inception_weights": weights})
+
+
+def classifier_network(classifier_dir: str, data_config: ml_collections.ConfigDict) -> Network:
+  fn, meta = classifier.make_classifier_fn(classifier_dir)
+  expected = {"dataset": data_config.name, "image_size": data_config.image_size,
+              "channels": data_config.channels, "num_classes": data_config.num_classes}
+  if got := {k: meta.get(k) for k in expected if meta.get(k) != expected[k]}:
+    raise ValueError(f"config.eval.classifier_dir={classifier_dir} holds a classifier for {got}, "
+                     f"but the checkpoint's model makes {expected}: point it at a classifier of "
+                     "this data set (python -m cfdg_jax.eval.train_classifier trains one).")
+  return Network("classifier_", fn, "features", True, "classifier",
+                 classifier_digest(classifier_dir),
+                 {"classifier_dir": classifier_dir,
+                  "classifier_test_accuracy": float(meta["test_accuracy"])})
+
+
+def reference_images(builder: tfds.core.DatasetBuilder, split: str, image_size: int) -> np.ndarray:
+  """uint8 [N, S, S, C]: the split's first MAX_REFERENCE_IMAGES images, as stored.
+
+  Resized (central square, antialiased, as the training pipeline) only when S differs.
+  """
+  stored = builder.info.features["image"].shape
+
+  def prepare(example):
+    image = example["image"]
+    if tuple(stored[:2]) != (image_size, image_size):
+      image = input_pipeline._center_crop_and_resize(  # pylint: disable=protected-access
+          tf.cast(image, tf.float32), image_size)
+      image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    return image
+
+  # One pass over part of the split: TFDS's auto-cache would only warn about the unread rest.
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                         read_config=tfds.ReadConfig(try_autocache=False))
+  ds = ds.take(MAX_REFERENCE_IMAGES)
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(1000)
+  return np.concatenate(list(tfds.as_numpy(ds)))
+
+
+def reference_path(cache_dir: epath.PathLike, dataset: str, split: str, image_size: int,
+                   network: Network) -> epath.Path:
+  name = re.sub(r"[^A-Za-z0-9_.-]", "_",
+                f"{dataset}_{split}_{image_size}px_{network.name}-{network.digest}")
+  return epath.Path(cache_dir) / f"reference_{name}.npz"
+
+
+def load_or_compute_reference(path: epath.Path, network: Network,
+                              get_images: Callable[[], np.ndarray]) -> dict[str, np.ndarray]:
+  """{"mu", "sigma", "features"} of the reference images, cached at `path` (written atomically)."""
+  if path.exists():
+    with path.open("rb") as f, np.load(f) as data:
+      return dict(data)
+  tic = time.perf_counter()
+  images = get_images()
+  features = network.fn(images)[network.feature_key]
+  mu, sigma = metrics.stats_from_features(features)
+  reference = {"mu": mu, "sigma": sigma, "features": features.astype(np.float32)}
+  buffer = io.BytesIO()
+  np.savez(buffer, **reference)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_bytes(buffer.getvalue())
+  tmp.replace(path)
+  logging.info("Wrote %s: statistics of %d reference images (%.0f s).", path, len(images),
+               time.perf_counter() - tic)
+  return reference
+
+
+def compute_metrics(images: np.ndarray, labels: np.ndarray, networks: Sequence[Network],
+                    references: Sequence[Mapping[str, np.ndarray]], k: int) -> dict[str, float]:
+  """Metrics of uint8 images [N, H, W, C] sampled for `labels` [N], one set per network.
+
+  fid, is, is_std, precision, recall for Inception; classifier_fid, classifier_is,
+  classifier_is_std, classifier_accuracy (of argmax logits == labels) for the classifier.
+  """
+  row = {}
+  for network, reference in zip(networks, references):
+    out = network.fn(images)
+    features = out[network.feature_key]
+    p = network.prefix
+    row[p + "fid"] = metrics.fid_from_stats(*metrics.stats_from_features(features),
+                                            reference["mu"], reference["sigma"])
+    if network.has_logits:
+      row[p + "is"], row[p + "is_std"] = metrics.inception_score(out["logits"], IS_SPLITS)
+    if p:
+      row[p + "accuracy"] = float(np.mean(np.argmax(out["logits"], axis=-1) == labels))
+    else:
+      row["precision"], row["recall"] = metrics.precision_recall(reference["features"], features, k)
+  return row
+
+
