@@ -165,13 +165,45 @@ def test_bad_configs_fail_before_compiling(data_dir):
       trainer.check_config(tiny_config(data_dir, **{"model.dtype": "float17"}))
     with pytest.raises(ValueError, match=r"config.sample.sampler: Unknown sampler 'dpm'"):
       trainer.check_config(tiny_config(data_dir, **{"sample.sampler.name": "dpm"}))
-    with pytest.raises(ValueError, match=r"config.sample.sampler: v=1.5: the variance exponent"):
+    with pytest.raises(ValueError, match=r"config.sample.sampler: v=1.5: the variance exponent .* lies in \[0, 1\]"):
       trainer.check_config(tiny_config(data_dir, **{"sample.sampler.ancestral.v": 1.5}))
     with pytest.raises(ValueError, match=r"config.sample.sampler: num_steps=1: ancestral needs"):
       trainer.check_config(tiny_config(data_dir, **{"sample.sampler.num_steps": 1}))
     with pytest.raises(ValueError, match=r"config.sample.guidance: Guidance option rescale"):
       trainer.check_config(tiny_config(data_dir, **{"sample.guidance.rescale": -1.0}))
   assert not compiles
+
+
+def _random_pipeline(config, mesh, seed):
+  """A Pipeline of `config`'s UNet with random weights (the zero-initialised output layer too)."""
+  model = unet.create_model(config)
+  init = lambda rng: unet.init_params(rng, model, config)
+  params_sharding = sharding.tree_shardings(jax.eval_shape(init, jax.random.key(0)), mesh,
+                                            config.sharding)
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(seed), p.shape),
+                        init(jax.random.key(seed)))
+  params = jax.device_put(params, params_sharding)
+  return pipeline.Pipeline(pipeline.Network(model, config, params_sharding), params, mesh)
+
+
+@pytest.mark.slow
+def test_autoguidance_by_a_smaller_model(data_dir):
+  mesh = sharding.create_mesh()
+  main = _random_pipeline(tiny_config(data_dir), mesh, 1)
+  small = _random_pipeline(tiny_config(data_dir, **{"model.base_channels": 8,
+                                                     "model.head_channels": 8}), mesh, 2)
+  labels = np.arange(6)
+  unguided = main.sample(labels, 0.0, sampler="ddim", num_steps=4)
+  guided = main.sample(labels, 2.0, sampler="ddim", num_steps=4, guide=small)
+  assert main.last_stats["network_calls"] == 8  # Both networks at each of 4 steps.
+  assert (guided != unguided).any() and (guided != main.sample(labels, 2.0, sampler="ddim",
+                                                               num_steps=4)).any()
+  # Guided by itself, the model is its own conditional prediction: w = 0.
+  np.testing.assert_array_equal(main.sample(labels, 2.0, sampler="ddim", num_steps=4, guide=main),
+                                unguided)
+  with pytest.raises(ValueError, match="data.num_classes=12, the model 10"):
+    main.sample(labels, 1.0, guide=_random_pipeline(
+        tiny_config(data_dir, **{"data.num_classes": 12}), mesh, 3))
 
 
 @pytest.mark.slow

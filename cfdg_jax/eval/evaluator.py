@@ -253,7 +253,7 @@ class Evaluator:
       sweep = sample_points(pipe, group, labels, seed=eval_config.seed,
                             batch_size=eval_config.batch_size, guide=guide,
                             description=f"Step {step}, {group[0].sampler.canonical}, "
-                            f"{len(group)} points")
+                            f"{len(group)} point{'s' if len(group) > 1 else ''}")
       for point, images, cost in sweep:
         if not self.is_chief:  # The others only take part in sampling.
           continue

@@ -11,11 +11,6 @@ from cfdg_jax import diffusion
 from cfdg_jax.samplers import core
 
 
-def _check(fields):
-  if not 0.0 <= fields["v"] <= 1.0:
-    raise ValueError(f"v={fields['v']}: the variance exponent lies in [0, 1] (the paper: 0.3).")
-
-
 def _step(ctx: core.Context, i, state: core.State) -> core.State:
   logsnr, logsnr_next = ctx.logsnrs[i], ctx.logsnrs[i + 1]
   x, state = ctx.denoise(state, state.z, logsnr)
@@ -24,5 +19,6 @@ def _step(ctx: core.Context, i, state: core.State) -> core.State:
   return state.replace(z=mean + std * ctx.noise(i))
 
 
-SAMPLER = core.Sampler("ancestral", {"v": 0.3}, _step, final_denoise=True, min_steps=2,
-                       check=_check)
+SAMPLER = core.Sampler(
+    "ancestral", {"v": 0.3}, _step, final_denoise=True, min_steps=2,
+    check=core.check_range("v", 0.0, 1.0, "the variance exponent (the paper: 0.3, 0.2)"))

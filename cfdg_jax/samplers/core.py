@@ -88,6 +88,14 @@ class Sampler:
     return num_steps if self.final_denoise else num_steps + 1
 
 
+def check_range(field: str, lo: float, hi: float, meaning: str) -> Callable[[Mapping], None]:
+  """A Sampler.check that `field` lies in [lo, hi]."""
+  def check(fields):
+    if not lo <= fields[field] <= hi:
+      raise ValueError(f"{field}={fields[field]}: {meaning} lies in [{lo:g}, {hi:g}].")
+  return check
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """A sampler setting: hashable, so it keys compilations and results rows."""

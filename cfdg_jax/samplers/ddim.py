@@ -11,11 +11,6 @@ from cfdg_jax import diffusion
 from cfdg_jax.samplers import core
 
 
-def _check(fields):
-  if not 0.0 <= fields["eta"] <= 1.0:
-    raise ValueError(f"eta={fields['eta']}: DDIM's η lies in [0, 1] (0: deterministic).")
-
-
 def _step(ctx: core.Context, i, state: core.State) -> core.State:
   logsnr, logsnr_next = ctx.logsnrs[i], ctx.logsnrs[i + 1]
   x, state = ctx.denoise(state, state.z, logsnr)
@@ -30,4 +25,5 @@ def _step(ctx: core.Context, i, state: core.State) -> core.State:
   return state.replace(z=z)
 
 
-SAMPLER = core.Sampler("ddim", {"eta": 0.0}, _step, check=_check)
+SAMPLER = core.Sampler("ddim", {"eta": 0.0}, _step,
+                       check=core.check_range("eta", 0.0, 1.0, "DDIM's η (0: deterministic)"))
