@@ -60,10 +60,12 @@ def measure(config_path: str, train_steps: int, sample_batch: int, sample_steps:
       state, _ = step_fn(state, batch, jax.random.key(1))
     jax.block_until_ready(state)
 
-  pipe = pipeline.Pipeline(pipeline.Network(model, config, state_sharding.ema_params),
-                           state.ema_params, mesh)
+  pipe = pipeline.Pipeline(pipeline.Network(model, config, state_sharding.ema_params), None, mesh)
   labels = np.arange(sample_batch) % classes
-  sample = lambda: pipe.sample(labels, 1.0, num_steps=sample_steps, seed=2)
+
+  def sample():
+    pipe.params = state.ema_params  # The newest: each train step donates the previous state.
+    pipe.sample(labels, 1.0, num_steps=sample_steps, seed=2)
   train_seconds, sample_seconds = best_seconds(train), best_seconds(sample)
   return {"devices": jax.device_count(), "train_steps_per_s": train_steps / train_seconds,
           "sample_image_steps_per_s": sample_batch * sample_steps / sample_seconds}

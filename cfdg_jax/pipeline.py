@@ -155,7 +155,7 @@ class Pipeline:
     Afterwards `last_stats` holds the sampler setting, its NFE per image, and the network calls,
     examples evaluated and seconds of this call.
     """
-    labels = np.atleast_1d(np.asarray(labels, np.int32))
+    labels = np.atleast_1d(np.asarray(labels))
     n = labels.shape[0]
     ids = np.arange(n, dtype=np.int32) if ids is None else np.asarray(ids, np.int32)
     settings = self.settings(sampler, num_steps)
@@ -170,8 +170,15 @@ class Pipeline:
                      batch_size: int | None = None, progress: bool = False,
                      description: str = "Sampling") -> Iterator[tuple[int, np.ndarray]]:
     """Yields (start, uint8 images) batch by batch; every batch has the same (padded) shape."""
-    labels = np.asarray(labels, np.int32)
-    n = labels.shape[0]
+    labels = np.asarray(labels)
+    n, k = labels.shape[0] if labels.ndim == 1 else 0, self.config.data.num_classes
+    if not n or not np.issubdtype(labels.dtype, np.integer) or np.shape(ids) != labels.shape:
+      raise ValueError(f"labels must be a non-empty list of class ids (and ids one per label); "
+                       f"got labels of shape {labels.shape} ({labels.dtype}), ids of shape "
+                       f"{np.shape(ids)}.")
+    if bad := sorted(set(labels[(labels < 0) | (labels >= k)].tolist())):
+      raise ValueError(f"labels {bad[:5]} are not class ids of this model: use 0..{k - 1} "
+                       f"({self.config.data.name}).")
     clip_x = self.config.sample.guidance.clip_x if clip_x is None else clip_x
     sample_fn = self._sample_fn(settings, clip_x, guide)
     rng = jax.random.key(seed) if isinstance(seed, int) else seed

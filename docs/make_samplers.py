@@ -13,6 +13,7 @@ import pathlib
 import re
 
 from matplotlib import figure
+from matplotlib import ticker
 
 SAMPLERS = ("ancestral", "ddim", "dpmpp_2m", "heun")
 METHOD_SAMPLER = "dpmpp_2m(grid='uniform',lower_order_final=True,num_steps=20)"
@@ -88,6 +89,14 @@ def method_table(dataset, rows):
           + f" | {best['sample_seconds']:.0f} s, {best['examples_per_sample']:.1f} |")
 
 
+def _plain_ticks(ax):
+  """Log axes labelled 0.2, 0.5, 20 rather than 2×10^-1 (only 1, 2, 3 and 5 times a power of 10)."""
+  label = ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "1235" else "")
+  for axis in (ax.xaxis, ax.yaxis):
+    axis.set_major_formatter(label)
+    axis.set_minor_formatter(label)
+
+
 def plot_nfe(datasets, path):
   ws = (0.0, 1.0, 3.0)
   fig = figure.Figure(figsize=(15, 4.2 * len(datasets)), layout="constrained")
@@ -101,7 +110,8 @@ def plot_nfe(datasets, path):
         if points:
           ax.plot(*zip(*points), marker="o", color=f"C{i}", label=s)
       ax.set(xscale="log", yscale="log", xlabel="denoiser evaluations per sample (NFE)",
-             ylabel="classifier-FID", title=f"{dataset}, w = {w:g}")
+             ylabel="classifier-FID (log scale)", title=f"{dataset}, w = {w:g}")
+      _plain_ticks(ax)
       ax.grid(alpha=0.3, which="both")
       ax.legend(fontsize=8)
   fig.suptitle("Sample quality against sampling cost, plain guidance (1,000 samples a point)")
@@ -119,8 +129,9 @@ def plot_methods(datasets, path):
       ws, fids, accuracies = zip(*points)
       left.plot(ws, fids, marker="o", color=f"C{i}", label=m)
       right.plot(ws, accuracies, marker="o", color=f"C{i}", label=m)
-    left.set(xlabel="guidance strength w", ylabel="classifier-FID", yscale="log",
+    left.set(xlabel="guidance strength w", ylabel="classifier-FID (log scale)", yscale="log",
              title=f"{dataset}: FID (lower is better)")
+    _plain_ticks(left)
     right.set(xlabel="guidance strength w", ylabel="classifier accuracy",
               title=f"{dataset}: samples classified as their label")
     for ax in (left, right):

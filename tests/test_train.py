@@ -149,6 +149,16 @@ def test_train_step_and_sampler_compile_once(data_dir):
                                                       "apg_eta": 0.0})):
         pipe.sample(np.arange(10)[::-1], w, sampler=sampler, **options)
     assert not compiles, compiles
+  # Bad input is refused before anything compiles, saying what would be valid.
+  with count_compiles() as compiles:
+    for kwargs, message in (({"labels": [1, 10]}, r"labels \[10\] are not class ids .*0..9"),
+                            ({"labels": []}, "a non-empty list of class ids"),
+                            ({"labels": [1], "sampler": "dpm"}, "Unknown sampler 'dpm'"),
+                            ({"labels": [1], "num_steps": 1}, "ancestral needs an integer >= 2"),
+                            ({"labels": [1, 2], "rescale": [0.1, 2.0]}, r"rescale = \[2.0\]")):
+      with pytest.raises(ValueError, match=message):
+        pipe.sample(**kwargs)
+  assert not compiles
 
 
 def test_bad_configs_fail_before_compiling(data_dir):

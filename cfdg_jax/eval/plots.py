@@ -93,17 +93,19 @@ def write_nfe_plot(path: epath.PathLike, rows: Sequence[Mapping[str, Any]], *, t
   ws = sorted({r["w"] for r in rows})
   fig = figure.Figure(figsize=(4.5 * len(ws), 4.5), layout="constrained")
   axes = fig.subplots(1, len(ws), squeeze=False)[0]
-  # A line joins the settings that differ only in num_steps.
+  # A line joins the settings that differ only in num_steps; a sampler's name labels it unless
+  # two lines share the name.
   families = sorted({(r["sampler_family"], r["guidance"]) for r in rows})
+  names = [f.split("(")[0] for f, _ in families]
   for ax, w in zip(axes, ws):
-    for family, guide in families:
+    for (family, guide), name in zip(families, names):
       points = sorted((r["nfe"], r[fid]) for r in rows
                       if (r["sampler_family"], r["guidance"], r["w"]) == (family, guide, w))
       if points:
-        name = family if guide == "cfg" else f"{family}, {guide}"
-        ax.plot(*zip(*points), marker="o", label=name)
-    ax.set(xscale="log", xlabel="denoiser evaluations per sample (NFE)", ylabel=label,
-           title=f"w = {w:g}")
+        name = family if names.count(name) > 1 else name
+        ax.plot(*zip(*points), marker="o", label=name if guide == "cfg" else f"{name}, {guide}")
+    ax.set(xscale="log", yscale="log", xlabel="denoiser evaluations per sample (NFE)",
+           ylabel=label, title=f"w = {w:g}")
     ax.grid(alpha=0.3, which="both")
   axes[0].legend(fontsize=8)
   fig.suptitle(title)

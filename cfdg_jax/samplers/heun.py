@@ -37,4 +37,5 @@ def _step(ctx: core.Context, i, state: core.State) -> core.State:
 
 
 SAMPLER = core.Sampler("heun", {}, _step, evaluations=lambda num_steps: 2 * num_steps - 1,
-                       grid="karras", logsnr_range=(-2 * math.log(80.0), -2 * math.log(0.002)))
+                       grid="karras",
+                       logsnr_range=(round(-2 * math.log(80.0), 4), round(-2 * math.log(0.002), 4)))
