@@ -24,21 +24,18 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def measure(config_path: str, train_steps: int, sample_batch: int, sample_steps: int,
             repeats: int) -> dict:
   """Runs in the worker process, after XLA_FLAGS is set; returns its figures."""
-  import functools  # pylint: disable=import-outside-toplevel
-
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from cfdg_jax import pipeline, sharding, trainer, unet  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from cfdg_jax import job as job_lib
+  from cfdg_jax import pipeline, sharding, trainer
 
   config = runpy.run_path(config_path)["get_config"]()
-  mesh = sharding.create_mesh()
-  model, tx = unet.create_model(config), trainer.create_optimizer(config)
-  init = functools.partial(trainer.init_state, model=model, tx=tx, config=config)
-  state_sharding = sharding.tree_shardings(jax.eval_shape(init, jax.random.key(0)), mesh,
-                                           config.sharding)
-  state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(0))
-  step_fn = trainer.make_train_step(model, tx, config, mesh, state_sharding)
+  mesh = sharding.create_mesh(config.mesh)
+  job = job_lib.create_job(config, mesh)
+  state = job.init_state(jax.random.key(0))
+  step_fn = trainer.make_train_step(job)
   size, channels, classes = config.data.image_size, config.data.channels, config.data.num_classes
   rng = np.random.default_rng(0)
   batch = sharding.shard_batch(
@@ -60,7 +57,8 @@ def measure(config_path: str, train_steps: int, sample_batch: int, sample_steps:
       state, _ = step_fn(state, batch, jax.random.key(1))
     jax.block_until_ready(state)
 
-  pipe = pipeline.Pipeline(pipeline.Network(model, config, state_sharding.ema_params), None, mesh)
+  pipe = pipeline.Pipeline(pipeline.Network(job.model, config, job.state_sharding.ema_params),
+                           None, mesh)
   labels = np.arange(sample_batch) % classes
 
   def sample():

@@ -15,9 +15,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from cfdg_jax import guidance
+from cfdg_jax import job as job_lib
 from cfdg_jax import samplers
-from cfdg_jax import sharding
-from cfdg_jax import unet
 
 ITEMS = ("train_state", "ema_params", "config")
 
@@ -69,15 +68,24 @@ def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.
 
 
 def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A config saved before the sampler and guidance sections, in today's layout (else as is).
+  """A config saved by an earlier version, in today's layout.
 
-  Then config.sample held {num_steps, v, clip_x, guidance: the grid's w, num_per_class} and
-  config.eval {guidance: the w, num_steps, v, step_sweep_guidance, ...}.
+  Before rematerialisation, config.model had no remat. Before the mesh section, config.sharding held {fsdp: bool, fsdp_min_size}. Before the sampler
+  and guidance sections, config.sample held {num_steps, v, clip_x, guidance: the grid's w,
+  num_per_class} and config.eval {guidance: the w, num_steps, v, step_sweep_guidance, ...}.
   """
+  config = ml_collections.ConfigDict(config.to_dict())
+  if "model" in config and "remat" not in config.model:
+    config.model.remat = "none"
+  if "sharding" in config:
+    old = config.sharding
+    config.mesh = ml_collections.ConfigDict(
+        {"data": 1 if old.fsdp else -1, "fsdp": -1 if old.fsdp else 1,
+         "fsdp_min_size": old.fsdp_min_size})
+    del config["sharding"]
   sample = config.get("sample")
   if sample is None or "sampler" in sample:
     return config
-  config = ml_collections.ConfigDict(config.to_dict())
   old = config.sample
   config.sample = ml_collections.ConfigDict({
       "sampler": samplers.config_section("ancestral", old.num_steps, ancestral={"v": old.v}),
@@ -92,17 +100,12 @@ def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return config
 
 
-def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs carrying the target shardings, for restoring straight onto the mesh."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
 def load_ema_params(workdir: str, mesh: jax.sharding.Mesh, step: int | None = None
-                    ) -> tuple[ml_collections.ConfigDict, int, Any, Any]:
-  """The config, step, EMA parameters and their shardings of a workdir's checkpoint.
+                    ) -> tuple[job_lib.Job, int, Any]:
+  """The job (the checkpoint's config on `mesh`), step and EMA parameters of a workdir.
 
-  `step` defaults to the newest. Raises FileNotFoundError / ValueError naming what is missing.
+  `step` defaults to the newest. The parameters are laid out for `mesh`, whatever mesh saved
+  them. Raises FileNotFoundError / ValueError naming what is missing.
   """
   manager = create_manager(workdir, read_only=True)
   steps = manager.all_steps()
@@ -113,9 +116,5 @@ def load_ema_params(workdir: str, mesh: jax.sharding.Mesh, step: int | None = No
   if step not in steps:
     raise ValueError(f"No checkpoint at step {step} in {checkpoint_dir(workdir)}; "
                      f"available: {sorted(steps)}.")
-  config = restore_config(manager, step)
-  model = unet.create_model(config)
-  abstract = jax.eval_shape(lambda rng: unet.init_params(rng, model, config), jax.random.key(0))
-  shardings = sharding.tree_shardings(abstract, mesh, config.sharding)
-  params = restore_ema_params(manager, step, abstract_with_shardings(abstract, shardings))
-  return config, step, params, shardings
+  job = job_lib.create_job(restore_config(manager, step), mesh)
+  return job, step, restore_ema_params(manager, step, job.abstract_state.ema_params)

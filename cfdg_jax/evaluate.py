@@ -61,7 +61,8 @@ def main(argv):
   evaluator.evaluate_workdir(FLAGS.workdir, FLAGS.config.eval if FLAGS.config else None,
                              step=FLAGS.step, watch=FLAGS.watch, poll_seconds=FLAGS.poll_seconds,
                              sampler_specs=sampler_spec and (sampler_spec,),
-                             guidance_specs=guidance_spec and (guidance_spec,))
+                             guidance_specs=guidance_spec and (guidance_spec,),
+                             mesh=sampling_flags.mesh())
 
 
 if __name__ == "__main__":

@@ -1,31 +1,41 @@
-"""Training input pipeline for any TFDS image classification data set.
+"""Input pipeline for any TFDS image classification data set, read by index from ArrayRecord files.
 
-Each JAX process reads its own disjoint share of `config.data.split` and yields
-its part of the global batch as numpy arrays:
+Training batches are a pure function of (seed, step): the examples are read in an endless
+sequence of per-epoch permutations, global batch s holds the sequence's positions s*B ... s*B+B-1,
+and each process reads its own slice of those by index. Stateless reads give every process count
+the same global batches, let a resumed run replay the data order exactly from its step counter,
+and leave no iterator state to checkpoint. A daemon thread prepares batches ahead of the
+training step.
 
-  {'image': float32 [b, S, S, C] in [-1, 1], 'label': int32 [b]},
-
-with b = global_batch_size // process_count and S = config.data.image_size.
+Every reader (training, FID reference images, classifier test batches) prepares images with
+`prepare_image`.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+import concurrent.futures
+import itertools
 import os
+import queue
+import threading
+import weakref
 
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
-import tensorflow as tf
+from PIL import Image
 import tensorflow_datasets as tfds
 
 # Registers the project's own builders (`digits`) with TFDS.
 from cfdg_jax import datasets  # pylint: disable=unused-import
 
+_FILE_FORMAT = tfds.core.FileFormat.ARRAY_RECORD
+
 
 def get_builder(
     data_config: ml_collections.ConfigDict,
 ) -> tfds.core.DatasetBuilder:
-  """Returns the TFDS builder for `data_config.name`, prepared on first use.
+  """Returns the TFDS builder for `data_config.name`, prepared as ArrayRecord files on first use.
 
   With `data_config.manual_dir` set, preparation is offline: the TFDS download
   manager takes each registered URL's file by name from that directory, and
@@ -36,6 +46,10 @@ def get_builder(
 
   Returns:
     A prepared builder (its `info.splits` are filled in).
+
+  Raises:
+    ValueError: if the data dir holds the data set prepared in another file
+      format (e.g. tfrecord, by an older version of this project).
   """
   # Process 0 prepares first; the others then find the data ready on a shared data dir (or
   # prepare their own copy on a host-local one) instead of racing to write the same files.
@@ -48,7 +62,22 @@ def get_builder(
 
 
 def _prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  # Without a file format, the builder takes the one of the data it finds on disk; asking for
+  # ArrayRecord straight away would fail on other files with a message that names no fix.
   builder = tfds.builder(data_config.name, data_dir=data_config.data_dir)
+  if builder.is_prepared():
+    if builder.info.file_format != _FILE_FORMAT:
+      raise ValueError(
+          f"{builder.data_dir} holds TFDS data set {data_config.name!r} prepared as"
+          f" {builder.info.file_format.value} files, but the input pipeline reads"
+          f" {_FILE_FORMAT.value} files by index. Delete {builder.data_dir} (it is"
+          " prepared again on the next run) or set config.data.data_dir to another"
+          " directory."
+      )
+    return builder
+  builder = tfds.builder(
+      data_config.name, data_dir=data_config.data_dir, file_format=_FILE_FORMAT.value
+  )
   if data_config.manual_dir:
     # Extracted files are cached as <download_dir>/extracted/GZIP.<file name>,
     # so data sets with equal file names (mnist and fashion_mnist) sharing a
@@ -119,14 +148,184 @@ def check_data_config(
     )
 
 
-def _center_crop_and_resize(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Crops [h, w, c] to its central square and resizes it to [size, size, c]."""
-  h, w = tf.shape(image)[0], tf.shape(image)[1]
-  side = tf.minimum(h, w)
-  image = tf.image.crop_to_bounding_box(
-      image, (h - side) // 2, (w - side) // 2, side, side
+def prepare_image(image: np.ndarray, size: int) -> np.ndarray:
+  """Returns a stored image as the model sees it: uint8 [h, w, C] -> uint8 [size, size, C].
+
+  An image of size x size passes through untouched. Any other follows ADM's ImageNet
+  preprocessing (Dhariwal & Nichol, 2021; guided-diffusion's `center_crop_arr`): halve it with a
+  box filter while its short side is at least 2 * size, resize it bicubically to a short side of
+  `size`, then crop the central size x size square.
+
+  Args:
+    image: uint8 [h, w, C], C = 1 or 3.
+    size: The side of the square result.
+  """
+  height, width, channels = image.shape
+  if (height, width) == (size, size):
+    return image
+  pil = Image.fromarray(image[..., 0] if channels == 1 else image)  # Mode 'L' or 'RGB'.
+  # Box-filter halvings average away the detail that one bicubic step from far above would alias.
+  while min(pil.size) >= 2 * size:
+    pil = pil.resize((pil.width // 2, pil.height // 2), Image.Resampling.BOX)
+  scale = size / min(pil.size)
+  pil = pil.resize(
+      (round(pil.width * scale), round(pil.height * scale)), Image.Resampling.BICUBIC
   )
-  return tf.image.resize(image, (size, size), antialias=True)
+  top, left = (pil.height - size) // 2, (pil.width - size) // 2
+  out = np.asarray(pil)[top:top + size, left:left + size]
+  return out.reshape(size, size, channels)
+
+
+def _read_examples(
+    source: Sequence[dict],
+    indices: np.ndarray,
+    size: int,
+    pool: concurrent.futures.ThreadPoolExecutor,
+    num_chunks: int,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Reads the examples at `indices` [n]: (uint8 images [n, size, size, C], int32 labels [n]).
+
+  Decoding and resizing run in `num_chunks` chunks on `pool`: PIL releases the GIL for both.
+  """
+
+  def read_chunk(chunk):
+    examples = [source[int(i)] for i in chunk]
+    return (
+        [prepare_image(e["image"], size) for e in examples],
+        [e["label"] for e in examples],
+    )
+
+  chunks = list(pool.map(read_chunk, np.array_split(indices, num_chunks)))
+  images = np.stack([image for chunk_images, _ in chunks for image in chunk_images])
+  labels = np.array([label for _, chunk_labels in chunks for label in chunk_labels], np.int32)
+  return images, labels
+
+
+def read_split(
+    builder: tfds.core.DatasetBuilder,
+    split: str,
+    image_size: int,
+    *,
+    limit: int | None = None,
+    batch_size: int = 1000,
+    num_workers: int = 4,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Yields a split in stored order: (uint8 images [b, S, S, C], int32 labels [b]).
+
+  Args:
+    builder: A prepared builder from `get_builder`.
+    split: A split of it or a slice of one, e.g. 'test' or 'train[:90%]'.
+    image_size: S; images go through `prepare_image`.
+    limit: Read only the first `limit` examples (None: all).
+    batch_size: b, except for a smaller last batch.
+    num_workers: Threads that decode and resize.
+  """
+  source = builder.as_data_source(split=split)
+  num_examples = len(source) if limit is None else min(limit, len(source))
+  with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+    for start in range(0, num_examples, batch_size):
+      indices = np.arange(start, min(start + batch_size, num_examples))
+      yield _read_examples(source, indices, image_size, pool, num_workers)
+
+
+def _epoch_permutation(seed: int, num_examples: int, epoch: int) -> np.ndarray:
+  """The order of the examples [num_examples] in training epoch `epoch`."""
+  return np.random.default_rng([seed, 0, epoch]).permutation(num_examples)
+
+
+def _global_batch_flips(seed: int, step: int, global_batch_size: int) -> np.ndarray:
+  """bool [B]: which images of global batch `step` (0-based) a random flip mirrors."""
+  return np.random.default_rng([seed, 1, step]).random(global_batch_size) < 0.5
+
+
+def _batch_plan(
+    *,
+    seed: int,
+    num_examples: int,
+    global_batch_size: int,
+    process_index: int,
+    batch_size: int,
+    start_step: int,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Yields (example indices [b], flips bool [b]) of this process for global batches
+  start_step, start_step + 1, ... (0-based).
+
+  Global batch s holds positions s*B ... s*B+B-1 of the endless sequence epoch 0's permutation,
+  epoch 1's, ...; process p takes positions s*B + p*b ... s*B + (p+1)*b - 1, and the slice of
+  the flips drawn for the whole global batch.
+  """
+  permutations = {}  # Epoch -> permutation, for the epochs that the current batch touches.
+  offset = process_index * batch_size
+  for step in itertools.count(start_step):
+    positions = step * global_batch_size + offset + np.arange(batch_size)
+    epochs, within = np.divmod(positions, num_examples)
+    permutations = {
+        e: permutations[e] if e in permutations else _epoch_permutation(seed, num_examples, e)
+        for e in range(epochs[0], epochs[-1] + 1)
+    }
+    indices = np.empty(batch_size, np.int64)
+    for epoch, permutation in permutations.items():
+      in_epoch = epochs == epoch
+      indices[in_epoch] = permutation[within[in_epoch]]
+    flips = _global_batch_flips(seed, step, global_batch_size)[offset:offset + batch_size]
+    yield indices, flips
+
+
+class _Failure:
+  """Carries an exception of the worker thread to the consumer."""
+
+  def __init__(self, error: BaseException):
+    self.error = error
+
+
+def _fill(items: Iterator, out: queue.Queue, stop: threading.Event) -> None:
+  """Puts `items` (then a _Failure if they raise) into `out` until `stop` is set."""
+
+  def put(item) -> bool:
+    # A timeout, so that a thread whose consumer is gone sees `stop` instead of blocking forever.
+    while not stop.is_set():
+      try:
+        out.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  try:
+    for item in items:
+      if not put(item):
+        return
+  except BaseException as e:  # pylint: disable=broad-except  (re-raised by the consumer)
+    put(_Failure(e))
+
+
+class _Prefetcher:
+  """Iterates over `items`, which a daemon thread computes up to `depth` ahead.
+
+  An exception raised by `items` is re-raised by this iterator's next `next()` (and any after).
+  """
+
+  def __init__(self, items: Iterator, depth: int):
+    self._queue = queue.Queue(maxsize=depth)
+    self._error = None
+    stop = threading.Event()
+    # The thread holds no reference to self: once this iterator is garbage, it stops the thread.
+    weakref.finalize(self, stop.set)
+    threading.Thread(
+        target=_fill, args=(items, self._queue, stop), daemon=True,
+        name="cfdg_jax input pipeline",
+    ).start()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._error is None:
+      item = self._queue.get()
+      if not isinstance(item, _Failure):
+        return item
+      self._error = item.error
+    raise self._error
 
 
 def create_train_iterator(
@@ -134,17 +333,22 @@ def create_train_iterator(
     *,
     global_batch_size: int,
     seed: int,
+    start_step: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-  """Returns an endless iterator over this process's training batches.
+  """Returns an endless iterator over this process's batches for steps start_step + 1, ...
 
-  The same arguments give the same stream of batches.
+  A pure function of the arguments: concatenated over processes, the batches of a step are
+  those of one process with the same global batch size, and starting at step k yields what
+  starting at 0 yields from its (k+1)-th batch on.
 
   Args:
-    data_config: `config.data`.
-    global_batch_size: Batch size summed over all processes.
-    seed: Seeds the shuffle and the random flips.
+    data_config: `config.data`; `prefetch` batches are prepared ahead, on
+      `num_workers` threads.
+    global_batch_size: B, the batch size summed over all processes.
+    seed: Seeds the data order and the random flips.
+    start_step: The training step done last (0 for a fresh run).
     process_index: This process's index; defaults to `jax.process_index()`.
     process_count: Number of processes; defaults to `jax.process_count()`.
 
@@ -154,7 +358,8 @@ def create_train_iterator(
     C = data_config.channels.
 
   Raises:
-    ValueError: if global_batch_size is not divisible by process_count, or as
+    ValueError: if global_batch_size is not divisible by process_count, if
+      prefetch or num_workers is not positive, or as `get_builder` and
       `check_data_config`.
   """
   if process_index is None:
@@ -167,45 +372,27 @@ def create_train_iterator(
         f" number of processes {process_count}: choose a multiple of"
         f" {process_count}."
     )
+  for field in ("prefetch", "num_workers"):
+    if data_config[field] < 1:
+      raise ValueError(f"config.data.{field}={data_config[field]} must be at least 1.")
   batch_size = global_batch_size // process_count
 
   builder = get_builder(data_config)
   check_data_config(data_config, builder)
-  split = tfds.split_for_jax_process(
-      data_config.split,
-      process_index=process_index,
-      process_count=process_count,
+  source = builder.as_data_source(split=data_config.split)
+  plan = _batch_plan(
+      seed=seed, num_examples=len(source), global_batch_size=global_batch_size,
+      process_index=process_index, batch_size=batch_size, start_step=start_step,
   )
-  ds = builder.as_dataset(
-      split=split,
-      shuffle_files=True,
-      # config.data.cache decides on caching, not TFDS's size heuristic.
-      read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False),
-  )
-  if data_config.cache:
-    ds = ds.cache()
-  ds = ds.repeat()
-  # Numbering the endless stream gives each example occurrence its own flip.
-  ds = ds.enumerate()
-  ds = ds.shuffle(data_config.shuffle_buffer, seed=seed)
 
-  size = data_config.image_size
-  stored_shape = builder.info.features["image"].shape
+  def batches():
+    with concurrent.futures.ThreadPoolExecutor(data_config.num_workers) as pool:
+      for indices, flips in plan:
+        images, labels = _read_examples(
+            source, indices, data_config.image_size, pool, data_config.num_workers
+        )
+        if data_config.random_flip:
+          images[flips] = images[flips, :, ::-1]
+        yield {"image": images.astype(np.float32) / 127.5 - 1.0, "label": labels}
 
-  def preprocess(index, example):
-    image = tf.cast(example["image"], tf.float32) / 127.5 - 1.0
-    if data_config.random_flip:
-      flip = tf.random.stateless_uniform(
-          [], seed=tf.stack([tf.constant(seed, tf.int64), index])
-      ) < 0.5
-      image = tf.where(flip, image[:, ::-1], image)
-    if tuple(stored_shape[:2]) != (size, size):
-      image = _center_crop_and_resize(image, size)
-      # Antialiased bilinear weights are convex; clip float round-off.
-      image = tf.clip_by_value(image, -1.0, 1.0)
-    return {"image": image, "label": tf.cast(example["label"], tf.int32)}
-
-  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(batch_size, drop_remainder=True)
-  ds = ds.prefetch(tf.data.AUTOTUNE)
-  return iter(tfds.as_numpy(ds))
+  return _Prefetcher(batches(), depth=data_config.prefetch)

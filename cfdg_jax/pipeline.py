@@ -211,7 +211,7 @@ class Pipeline:
 
   def restore(self, step: int) -> "Pipeline":
     """The same workdir's checkpoint `step`, sharing this pipeline's compilations."""
-    _, step, params, _ = checkpointing.load_ema_params(self.workdir, self.mesh, step)
+    _, step, params = checkpointing.load_ema_params(self.workdir, self.mesh, step)
     return dataclasses.replace(self, params=params, step=step, last_stats={})
 
   def _sample_fn(self, settings: samplers.Settings, clip_x: bool, guide: "Pipeline | None"):
@@ -239,8 +239,12 @@ def check_guide(config: ml_collections.ConfigDict, guide_config: ml_collections.
 
 def load(workdir: str, step: int | None = None, *,
          mesh: jax.sharding.Mesh | None = None) -> Pipeline:
-  """The EMA weights of `workdir`'s checkpoint `step` (default the newest), over all devices."""
+  """The EMA weights of `workdir`'s checkpoint `step` (default the newest), on `mesh`.
+
+  The default mesh is data parallel over every device of every process; pass
+  `sharding.create_mesh(config.mesh)` to split a large model's parameters over "fsdp" too.
+  """
   mesh = mesh or sharding.create_mesh()
-  config, step, params, params_sharding = checkpointing.load_ema_params(workdir, mesh, step)
-  network = Network(unet.create_model(config), config, params_sharding)
+  job, step, params = checkpointing.load_ema_params(workdir, mesh, step)
+  network = Network(job.model, job.config, job.state_sharding.ema_params)
   return Pipeline(network, params, mesh, step=step, workdir=workdir)

@@ -57,7 +57,7 @@ def main(argv):
   overrides = sampling_flags.guidance_overrides()
   runtime.initialize()
   try:
-    pipe = pipeline.load(FLAGS.workdir, FLAGS.step)
+    pipe = pipeline.load(FLAGS.workdir, FLAGS.step, mesh=sampling_flags.mesh())
     config = pipe.config
     settings = pipe.settings(sampling_flags.sampler_spec(config.sample.sampler.name))
     section = {**config.sample.guidance, **overrides}

@@ -1,58 +1,86 @@
 """Device mesh and shardings (what pjit became: `jax.jit` with `NamedSharding` on a `Mesh`).
 
-One mesh axis, "data", over every device of every process: the global batch is split along it.
-Parameters (and their EMA and optimizer moments) are replicated, or, with `config.sharding.fsdp`,
-each large one is split along its largest divisible dimension over the same axis (ZeRO-3 style),
-and the compiler inserts the all-gathers.
+A 2-D mesh data × fsdp over every device of every process (`config.mesh`). The global batch is
+split over both axes. Parameters, their EMA and the optimizer moments are split along "fsdp"
+(each large array on its largest dimension divisible by the axis size, ZeRO-3 style) and
+replicated along "data"; the compiler inserts the all-gathers and reduce-scatters.
 """
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-DATA_AXIS = "data"
+DATA_AXIS, FSDP_AXIS = "data", "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # The batch is split over the whole mesh.
 
 
-def create_mesh() -> Mesh:
-  """A 1-D mesh over all devices (all processes), in the topology-aware order of `make_mesh`."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
+  """(data, fsdp) sizes of `config.mesh` for `num_devices`; −1 takes all remaining devices."""
+  sizes = {axis: mesh_config[axis] for axis in (DATA_AXIS, FSDP_AXIS)}
+  for axis, size in sizes.items():
+    if not (size == -1 or size >= 1):
+      raise ValueError(f"config.mesh.{axis}={size}: use a positive axis size, or -1 for all "
+                       "devices the other axis leaves.")
+  free = [axis for axis, size in sizes.items() if size == -1]
+  if len(free) > 1:
+    raise ValueError("config.mesh.data and config.mesh.fsdp are both -1: set one of them "
+                     "(e.g. --config.mesh.fsdp=1).")
+  fixed = int(np.prod([size for size in sizes.values() if size != -1]))
+  if free:
+    if num_devices % fixed:
+      raise ValueError(f"config.mesh: {dict(sizes)} needs a device count divisible by {fixed}, "
+                       f"but there are {num_devices} devices.")
+    sizes[free[0]] = num_devices // fixed
+  if sizes[DATA_AXIS] * sizes[FSDP_AXIS] != num_devices:
+    raise ValueError(
+        f"config.mesh: data={sizes[DATA_AXIS]} × fsdp={sizes[FSDP_AXIS]} = "
+        f"{sizes[DATA_AXIS] * sizes[FSDP_AXIS]} devices, but there are {num_devices}; set one "
+        "axis to -1 (all remaining devices) or make the product the device count.")
+  return sizes[DATA_AXIS], sizes[FSDP_AXIS]
+
+
+def create_mesh(mesh_config: ml_collections.ConfigDict | None = None) -> Mesh:
+  """The data × fsdp mesh over all devices of all processes, in `make_mesh`'s topology-aware
+  order. None: data parallel over every device (fsdp = 1)."""
+  shape = (mesh_shape(mesh_config, jax.device_count()) if mesh_config is not None
+           else (jax.device_count(), 1))
+  return jax.make_mesh(shape, BATCH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over "data"."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Leading (batch) axis split over the whole mesh."""
+  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def param_spec(shape: tuple[int, ...], mesh: Mesh, fsdp: bool, fsdp_min_size: int) -> P:
-  """Replicated, or (FSDP) split along the largest dimension divisible by the data-axis size."""
-  n = mesh.shape[DATA_AXIS]
-  if not fsdp or n == 1 or int(np.prod(shape, dtype=np.int64)) < fsdp_min_size:
+def param_spec(shape: tuple[int, ...], mesh: Mesh, fsdp_min_size: int) -> P:
+  """Split along "fsdp" on the largest dimension divisible by its size; small arrays replicated."""
+  n = mesh.shape[FSDP_AXIS]
+  if n == 1 or int(np.prod(shape, dtype=np.int64)) < fsdp_min_size:
     return P()
   for dim in sorted(range(len(shape)), key=lambda i: -shape[i]):
     if shape[dim] % n == 0:
-      return P(*([None] * dim + [DATA_AXIS]))
+      return P(*([None] * dim + [FSDP_AXIS]))
   return P()
 
 
-def tree_shardings(tree: Any, mesh: Mesh, sharding_config) -> Any:
+def tree_shardings(tree: Any, mesh: Mesh, fsdp_min_size: int) -> Any:
   """NamedSharding for every array leaf of an (abstract) pytree, by `param_spec`."""
-  return jax.tree.map(
-      lambda x: NamedSharding(mesh, param_spec(x.shape, mesh, sharding_config.fsdp,
-                                               sharding_config.fsdp_min_size)), tree)
+  return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x.shape, mesh, fsdp_min_size)),
+                      tree)
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """This process's slice of the global batch -> global arrays split over "data"."""
+  """This process's slice of the global batch -> global arrays split over the mesh."""
   sharding = data_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
 def global_array(x: np.ndarray, mesh: Mesh) -> jax.Array:
-  """A host array that is identical on every process -> a global array split over "data"."""
+  """A host array that is identical on every process -> a global array split over the mesh."""
   return jax.make_array_from_callback(x.shape, data_sharding(mesh), lambda index: x[index])

@@ -1,9 +1,8 @@
-"""Training: the state, the optimizer, the jitted train step, and the loop around it."""
+"""Training: the jitted train step, and the loop around it."""
 import json
 import os
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -19,6 +18,7 @@ from cfdg_jax import diffusion
 from cfdg_jax import guidance
 from cfdg_jax import images
 from cfdg_jax import input_pipeline
+from cfdg_jax import job as job_lib
 from cfdg_jax import pipeline
 from cfdg_jax import samplers
 from cfdg_jax import sharding
@@ -27,45 +27,15 @@ from cfdg_jax import unet
 # Config fields a resumed run must share with the checkpoint it resumes (they fix the parameters).
 _ARCHITECTURE_FIELDS = ("model", "data.image_size", "data.channels", "data.num_classes",
                         "diffusion.prediction")
+_HOW_COMPUTED = ("dtype", "remat")  # Fields of config.model that leave the parameters as they are.
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # int32 scalar: optimizer steps taken.
-  params: Any
-  ema_params: Any
-  opt_state: Any
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up from 0, then constant (the ADM/CFG recipe)."""
-  o = config.optimizer
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1)),
-       optax.constant_schedule(o.learning_rate)], [o.warmup_steps])
-
-
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  o = config.optimizer
-  return optax.chain(
-      optax.clip_by_global_norm(o.grad_clip),
-      optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
-                  weight_decay=o.weight_decay))
-
-
-def init_state(rng: jax.Array, *, model: unet.UNet, tx: optax.GradientTransformation,
-               config: ml_collections.ConfigDict) -> TrainState:
-  params = unet.init_params(rng, model, config)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=tx.init(params))
-
-
-def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
+def train_step(state: job_lib.TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                model: unet.UNet, tx: optax.GradientTransformation,
-               config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
+               config: ml_collections.ConfigDict) -> tuple[job_lib.TrainState, dict[str, jax.Array]]:
   """One AdamW step on the classifier-free loss, then the EMA update.
 
-  batch: {'image': float32 [B, H, W, C] in [−1, 1], 'label': int32 [B]}, split over "data".
+  batch: {'image': float32 [B, H, W, C] in [−1, 1], 'label': int32 [B]}, split over the mesh.
   """
   rng_loss, rng_dropout = jax.random.split(jax.random.fold_in(rng, state.step))
   d = config.diffusion
@@ -86,27 +56,30 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   decay = jnp.minimum(config.ema_decay, (1.0 + state.step) / (10.0 + state.step))
   ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
   metrics = {"loss": loss_value, "grad_norm": optax.global_norm(grads),
-             "learning_rate": learning_rate_schedule(config)(state.step)}
+             "learning_rate": job_lib.learning_rate_schedule(config)(state.step)}
   return state.replace(step=state.step + 1, params=params, ema_params=ema_params,
                        opt_state=opt_state), metrics
 
 
-def make_train_step(model: unet.UNet, tx: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, state_sharding: Any):
-  """`train_step` jitted over the mesh: (state, batch, rng) -> (state, metrics), state donated."""
-  replicated = sharding.replicated(mesh)
+def make_train_step(job: job_lib.Job):
+  """`train_step` jitted over the job's mesh: (state, batch, rng) -> (state, metrics), state
+  donated."""
+  replicated = sharding.replicated(job.mesh)
   return jax.jit(
-      lambda s, b, r: train_step(s, b, r, model=model, tx=tx, config=config),
-      in_shardings=(state_sharding, sharding.data_sharding(mesh), replicated),
-      out_shardings=(state_sharding, replicated), donate_argnums=0)
+      lambda s, b, r: train_step(s, b, r, model=job.model, tx=job.tx, config=job.config),
+      in_shardings=(job.state_sharding, sharding.data_sharding(job.mesh), replicated),
+      out_shardings=(job.state_sharding, replicated), donate_argnums=0)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Cheap checks of a config, before any data loading or compilation."""
   n_dev = jax.device_count()
-  if config.batch_size % n_dev:
-    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
-                     f"{n_dev} devices it is split over; set it to a multiple of {n_dev}.")
+  data, fsdp = sharding.mesh_shape(config.mesh, n_dev)
+  if config.batch_size < 1 or config.batch_size % n_dev:
+    raise ValueError(
+        f"config.batch_size={config.batch_size} must be a positive multiple of the {n_dev} "
+        f"devices (mesh data={data} × fsdp={fsdp}, {jax.process_count()} processes) it is split "
+        f"over; e.g. {max(1, round(config.batch_size / n_dev)) * n_dev}.")
   if config.data.image_size % 2 ** (len(config.model.channel_mult) - 1):
     raise ValueError(f"config.data.image_size={config.data.image_size} must be divisible by "
                      f"2**(len(channel_mult)-1) for {len(config.model.channel_mult)} UNet levels; "
@@ -139,6 +112,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def _get_field(config: ml_collections.ConfigDict, dotted: str) -> Any:
   for key in dotted.split("."):
     config = config[key]
+  if dotted == "model":
+    return {k: v for k, v in config.to_dict().items() if k not in _HOW_COMPUTED}
   return config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
 
 
@@ -153,7 +128,8 @@ def check_resume_compatible(saved: ml_collections.ConfigDict,
           "Use a new --workdir for a different architecture, or the checkpoint's config.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None:
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> job_lib.TrainState | None:
   """Trains to config.num_train_steps in `workdir`, resuming from its newest checkpoint.
 
   Returns the final state, or None when the workdir already holds the last step.
@@ -173,32 +149,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   builder = input_pipeline.get_builder(config.data)
   input_pipeline.check_data_config(config.data, builder)
 
-  mesh = sharding.create_mesh()
-  model, tx = unet.create_model(config), create_optimizer(config)
+  mesh = sharding.create_mesh(config.mesh)
+  job = job_lib.create_job(config, mesh)
   rng_init, rng_train, rng_sample = jax.random.split(jax.random.key(config.seed), 3)
-  init = lambda rng: init_state(rng, model=model, tx=tx, config=config)
-  abstract_state = jax.eval_shape(init, rng_init)  # Traces the model: config errors surface here.
-  state_sharding = sharding.tree_shardings(abstract_state, mesh, config.sharding)
   if start_step:
     logging.info("Resuming from step %d in %s.", start_step, workdir)
-    state = checkpointing.restore_train_state(
-        manager, start_step, checkpointing.abstract_with_shardings(abstract_state, state_sharding))
+    # Onto this run's mesh, whatever mesh saved it.
+    state = checkpointing.restore_train_state(manager, start_step, job.abstract_state)
   else:
-    state = jax.jit(init, out_shardings=state_sharding)(rng_init)
+    state = job.init_state(rng_init)
   if is_chief:
     (epath.Path(workdir) / "config.json").write_text(config.to_json(indent=2))
     param_count = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("UNet: %.2fM parameters; mesh %s over %d processes.", param_count / 1e6,
                  dict(mesh.shape), jax.process_count())
 
-  # A resumed run reads a different (seeded) permutation of the data, not a replay of the first.
+  # The batches are a function of (seed, step): a resumed run reads what an uninterrupted one
+  # would have read, whatever the number of processes.
   train_iter = input_pipeline.create_train_iterator(
-      config.data, global_batch_size=config.batch_size, seed=config.seed + start_step)
-  step_fn = make_train_step(model, tx, config, mesh, state_sharding)
+      config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step)
+  step_fn = make_train_step(job)
   settings = samplers.settings_from_config(config.sample.sampler)
   grid_guidance = guidance.settings_from_config(config.sample.guidance)
   sample_fn = pipeline.make_sample_fn(
-      pipeline.Network(model, config, state_sharding.ema_params), mesh, settings,
+      pipeline.Network(job.model, config, job.state_sharding.ema_params), mesh, settings,
       clip_x=grid_guidance.clip_x)
   sweep = tuple(config.sample.w)
   sweep_labels, sweep_w, sweep_ids = pipeline.class_sweep(config.data.num_classes,

@@ -60,6 +60,9 @@ def _resample(x: jnp.ndarray, mode: str) -> jnp.ndarray:
   return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
+REMAT = ("none", "blocks")
+
+
 class ResBlock(nn.Module):
   """ADM residual block with scale-shift norm: [B,H,W,Cin], emb [B,E] -> [B,H',W',out_channels].
 
@@ -72,7 +75,7 @@ class ResBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, emb: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, emb: jnp.ndarray, train: bool) -> jnp.ndarray:
     conv = functools.partial(nn.Conv, dtype=self.dtype, param_dtype=jnp.float32)
     h = nn.silu(_group_norm(x.shape[-1], self.dtype, "norm0")(x))
     if self.resample:
@@ -122,6 +125,8 @@ class UNet(nn.Module):
     dropout: dropout rate inside residual blocks (active only with train=True).
     resblock_updown: resample with residual blocks instead of conv layers.
     dtype: compute dtype; parameters are always float32.
+    remat: "none", or "blocks": the backward pass recomputes each residual and attention
+      block's activations instead of keeping them (less memory, ~1/3 more compute).
   """
   num_classes: int
   out_channels: int
@@ -133,6 +138,7 @@ class UNet(nn.Module):
   dropout: float = 0.0
   resblock_updown: bool = False
   dtype: Any = jnp.float32
+  remat: str = "none"
 
   def _check(self, x, logsnr, labels) -> None:
     """Raises ValueError for a bad config or input shapes, before any parameter is built."""
@@ -141,6 +147,8 @@ class UNet(nn.Module):
     if not self.channel_mult or min(self.channel_mult) < 1 or self.num_res_blocks < 0:
       raise ValueError(f"channel_mult must be a non-empty sequence of positive ints and "
                        f"num_res_blocks >= 0; got {self.channel_mult}, {self.num_res_blocks}.")
+    if self.remat not in REMAT:
+      raise ValueError(f"remat={self.remat!r}; use one of {REMAT}.")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1); got {self.dropout}.")
     if x.ndim != 4:
@@ -187,8 +195,12 @@ class UNet(nn.Module):
     x, logsnr, labels = jnp.asarray(x), jnp.asarray(logsnr), jnp.asarray(labels)
     self._check(x, logsnr, labels)
     conv = functools.partial(nn.Conv, dtype=self.dtype, param_dtype=jnp.float32)
-    res = functools.partial(ResBlock, dropout=self.dropout, dtype=self.dtype)
-    attn = functools.partial(AttentionBlock, head_channels=self.head_channels, dtype=self.dtype)
+    res_block, attn_block = ResBlock, AttentionBlock
+    if self.remat == "blocks":  # `train` (argument 3, after self) is a Python bool.
+      res_block = nn.remat(ResBlock, static_argnums=(3,))
+      attn_block = nn.remat(AttentionBlock)
+    res = functools.partial(res_block, dropout=self.dropout, dtype=self.dtype)
+    attn = functools.partial(attn_block, head_channels=self.head_channels, dtype=self.dtype)
     size = x.shape[1]
     last = len(self.channel_mult) - 1
 
@@ -206,32 +218,31 @@ class UNet(nn.Module):
     skips = [h]
     for level, mult in enumerate(self.channel_mult):
       for i in range(self.num_res_blocks):
-        h = res(self.base_channels * mult, name=f"down{level}_res{i}")(h, emb, train=train)
+        h = res(self.base_channels * mult, name=f"down{level}_res{i}")(h, emb, train)
         if size // 2**level in self.attn_resolutions:
           h = attn(name=f"down{level}_attn{i}")(h)
         skips.append(h)
       if level < last:
         if self.resblock_updown:
-          h = res(h.shape[-1], resample="down", name=f"down{level}_downsample")(
-              h, emb, train=train)
+          h = res(h.shape[-1], resample="down", name=f"down{level}_downsample")(h, emb, train)
         else:
           h = conv(h.shape[-1], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
                    name=f"down{level}_downsample")(h)
         skips.append(h)
 
-    h = res(h.shape[-1], name="mid_res0")(h, emb, train=train)
+    h = res(h.shape[-1], name="mid_res0")(h, emb, train)
     h = attn(name="mid_attn")(h)
-    h = res(h.shape[-1], name="mid_res1")(h, emb, train=train)
+    h = res(h.shape[-1], name="mid_res1")(h, emb, train)
 
     for level, mult in reversed(list(enumerate(self.channel_mult))):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = res(self.base_channels * mult, name=f"up{level}_res{i}")(h, emb, train=train)
+        h = res(self.base_channels * mult, name=f"up{level}_res{i}")(h, emb, train)
         if size // 2**level in self.attn_resolutions:
           h = attn(name=f"up{level}_attn{i}")(h)
       if level > 0:
         if self.resblock_updown:
-          h = res(h.shape[-1], resample="up", name=f"up{level}_upsample")(h, emb, train=train)
+          h = res(h.shape[-1], resample="up", name=f"up{level}_upsample")(h, emb, train)
         else:
           h = conv(h.shape[-1], (3, 3), name=f"up{level}_upsample")(_resample(h, "up"))
 
@@ -249,7 +260,7 @@ def create_model(config: ml_collections.ConfigDict) -> UNet:
       base_channels=m.base_channels, channel_mult=tuple(m.channel_mult),
       num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
       head_channels=m.head_channels, dropout=m.dropout, resblock_updown=m.resblock_updown,
-      dtype=jnp.dtype(m.dtype))
+      dtype=jnp.dtype(m.dtype), remat=m.remat)
 
 
 def init_params(rng: jax.Array, model: UNet, config: ml_collections.ConfigDict) -> Any:

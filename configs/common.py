@@ -28,6 +28,17 @@ def sample_config(num_steps: int, v: float, w: tuple[float, ...] = (0.0, 1.0, 3.
   return config
 
 
+def mesh_config(data: int = -1, fsdp: int = 1) -> ml_collections.ConfigDict:
+  """config.mesh: the device mesh data × fsdp (cfdg_jax/sharding.py); −1 takes all the devices
+  the other axis leaves. The batch is split over both axes; parameters, EMA and optimizer
+  moments over "fsdp" (ZeRO-3 style)."""
+  config = ml_collections.ConfigDict()
+  config.data = data
+  config.fsdp = fsdp
+  config.fsdp_min_size = 2**18  # Smaller arrays (biases, norms) stay replicated.
+  return config
+
+
 def eval_config(*, sampler_specs: tuple[str, ...], num_samples: int, batch_size: int,
                 step_sweep: tuple[int, ...] = (32, 64, 128, 256),
                 step_sweep_w: tuple[float, ...] = (0.3, 1.0),

@@ -24,8 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.channels = 1
   config.data.num_classes = 10
   config.data.random_flip = False  # Digits are not mirror-symmetric.
-  config.data.shuffle_buffer = 10_000
-  config.data.cache = True  # Small data set: keep the decoded images in memory.
+  config.data.prefetch = 2  # Batches that a background thread prepares ahead of the step.
+  config.data.num_workers = 4  # Threads that decode (and resize) a batch's images.
 
   config.model = ml_collections.ConfigDict()
   config.model.base_channels = 32
@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout = 0.0  # 10 minutes of training do not overfit 1,500 images.
   config.model.resblock_updown = False
   config.model.dtype = "float32"  # Compute dtype; "bfloat16" on TPU/GPU. Parameters stay float32.
+  config.model.remat = "none"  # "blocks": recompute block activations in the backward pass.
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.logsnr_min = -20.0
@@ -62,9 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.sample = common["sample_config"](num_steps=128, v=0.3)  # The paper's T and v.
 
-  config.sharding = ml_collections.ConfigDict()
-  config.sharding.fsdp = False  # Shard large parameters over the data axis (ZeRO-3 style).
-  config.sharding.fsdp_min_size = 2**18  # Parameters smaller than this stay replicated.
+  config.mesh = common["mesh_config"]()  # Data parallel over every device.
 
   # Evaluation (python -m cfdg_jax.evaluate): classifier metrics, as Inception features say little
   # about 8x8 digits. Train the digits classifier once (under a minute on a 2-core CPU), then

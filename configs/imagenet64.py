@@ -10,9 +10,10 @@ gives each value, and where neither does.
 
 Data: TFDS "imagenet2012" cannot be downloaded; TFDS prepares it from ILSVRC2012_img_train.tar
 and ILSVRC2012_img_val.tar in --config.data.manual_dir (prepare once, copy the result to GCS).
-Each image is centre-cropped and resized to 64x64 with an antialiased filter, which stands in for
-the paper's area downsampling. TFDS's "downsampled_imagenet/64x64" has no labels (it only suits
-an unconditional model); "imagenet_resized/64x64" has labels but squashes whole images to a square.
+Each image is resized as ADM's released loader does (box-filter halvings while the short side is
+at least 128, a bicubic resize of the short side to 64, the central 64x64 crop). TFDS's
+"downsampled_imagenet/64x64" has no labels (it only suits an unconditional model);
+"imagenet_resized/64x64" has labels but squashes whole images to a square.
 """
 import pathlib
 import runpy
@@ -39,9 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.num_classes = 1000
   # Neither paper states it; ADM's released loader (guided-diffusion) flips by default.
   config.data.random_flip = True
-  # Decoded full-size images (~0.5 MB each) wait here before the resize: ~5 GB per host.
-  config.data.shuffle_buffer = 10_000
-  config.data.cache = False  # 1.28M full-size images do not fit in memory.
+  config.data.prefetch = 2  # Batches that a background thread prepares ahead of the step.
+  # Threads that decode and resize a batch's full-size JPEGs (PIL releases the GIL); raise it on
+  # hosts whose share of the batch takes longer to prepare than a training step.
+  config.data.num_workers = 4
 
   # ADM's ImageNet 64 diffusion model (Dhariwal & Nichol, 2021, Table 11).
   config.model = ml_collections.ConfigDict()
@@ -53,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout = 0.1
   config.model.resblock_updown = True  # "BigGAN up/downsample".
   config.model.dtype = "bfloat16"  # ADM trained with 16-bit activations, 32-bit weights (App. I).
+  config.model.remat = "none"  # "blocks": recompute block activations in the backward pass.
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.logsnr_min = -20.0  # CFG paper, Section 4.1.
@@ -89,11 +92,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Parameters, EMA and two Adam moments take 16 bytes a parameter: ~4.7 GB replicated, a third
   # of a 16 GB TPU core (v3, v5e) before activations. FSDP splits the large tensors over all
-  # devices at the cost of all-gathers each step; on 80 GB GPUs --config.sharding.fsdp=False
-  # is faster.
-  config.sharding = ml_collections.ConfigDict()
-  config.sharding.fsdp = True
-  config.sharding.fsdp_min_size = 2**18  # Smaller tensors (biases, norms) stay replicated.
+  # devices at the cost of all-gathers each step; on a pod, keep them within a host or slice
+  # (e.g. --config.mesh.data=-1 --config.mesh.fsdp=8); on 80 GB GPUs --config.mesh.data=-1
+  # --config.mesh.fsdp=1 (no all-gathers) is faster.
+  config.mesh = common["mesh_config"](data=1, fsdp=-1)
 
   # Evaluation (python -m cfdg_jax.evaluate --workdir DIR --config configs/imagenet64.py
   # --config.eval.inception_weights=inception.msgpack): the CFG paper's protocol, FID and IS of

@@ -25,19 +25,20 @@ evaluate() {  # Scores the final checkpoint at the points of the flags.
   python -m cfdg_jax.evaluate --workdir "$workdir" --config "$config" --step "$last" \
       --config.eval.classifier_dir="$classifier" --config.eval.step_sweep="()" "$@"
 }
-# 1. Quality against NFE: every sampler at several step counts, at w = 0, 1 and 3.
-evaluate --config.eval.w="(0.0,1.0,3.0)" --config.eval.samplers="(\
+# 1. Quality against NFE: every sampler at several step counts, at w = 0, 1 and 3. SAMPLERS
+# replaces the list (a cheaper study on a slower model).
+evaluate --config.eval.w="(0.0,1.0,3.0)" --config.eval.samplers="${SAMPLERS:-(\
 'ancestral(num_steps=16)','ancestral(num_steps=32)','ancestral(num_steps=64)',\
 'ancestral(num_steps=128)','ancestral(num_steps=256)',\
 'ddim(num_steps=10)','ddim(num_steps=20)','ddim(num_steps=50)','ddim(num_steps=100)',\
 'dpmpp_2m(num_steps=10)','dpmpp_2m(num_steps=15)','dpmpp_2m(num_steps=20)',\
 'dpmpp_2m(num_steps=30)','dpmpp_2m(num_steps=50)',\
-'heun(num_steps=5)','heun(num_steps=8)','heun(num_steps=12)','heun(num_steps=20)')" "$@"
+'heun(num_steps=5)','heun(num_steps=8)','heun(num_steps=12)','heun(num_steps=20)')}" "$@"
 # 2. Guidance methods against w, with DPM-Solver++(2M) at 20 steps: plain guidance, two guidance
 # intervals (Kynkäänniemi et al.'s ImageNet interval σ in (0.28, 5.42], i.e. λ in [-3.38, 2.55],
 # and a wider one), rescale, APG with and without momentum, and autoguidance by the checkpoint
-# at GUIDE_STEP.
-evaluate --config.eval.w="(0.5,1.0,2.0,3.0,4.0)" \
+# at GUIDE_STEP. GUIDED_W replaces the guidance weights.
+evaluate --config.eval.w="${GUIDED_W:-(0.5,1.0,2.0,3.0,4.0)}" \
     --config.eval.samplers="('dpmpp_2m(num_steps=20)',)" --config.eval.guidance="('cfg',\
 'cfg(interval_lo=-3.38,interval_hi=2.55)','cfg(interval_lo=-6.0,interval_hi=4.0)',\
 'cfg(rescale=0.7)','cfg(apg_eta=0.0)','cfg(apg_eta=0.0,apg_momentum=-0.5)',\

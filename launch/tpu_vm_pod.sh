@@ -1,31 +1,70 @@
 #!/usr/bin/env bash
-# Starts the same training command on every worker of a Cloud TPU VM pod slice.
+# Runs a cfdg_jax job on every worker of a Cloud TPU VM pod slice, from any machine with gcloud:
 #
-# Usage, from any machine with gcloud:
-#   TPU_NAME=my-v4-64 ZONE=us-central2-b BUCKET=gs://my-bucket launch/tpu_vm_pod.sh \
-#       [--config.field=value ...]
+#   TPU_NAME=cfdg-v4-32 ZONE=us-central2-b ACCELERATOR_TYPE=v4-32 launch/tpu_vm_pod.sh -- \
+#       cfdg_jax.train --config configs/imagenet64.py --workdir gs://BUCKET/cfdg/in64 \
+#       --config.data.data_dir=gs://BUCKET/tensorflow_datasets
+#   launch/tpu_vm_pod.sh --dry_run -- cfdg_jax.train ...   # prints the commands only
 #
-# Every worker needs this repository at $REPO_DIR (relative to its home directory) and the
-# Python environment (see launch/README.md). With --distributed and no further flags, JAX detects
-# the slice's workers itself. The workdir and the TFDS data dir are on GCS so that every worker
-# reads and writes the same ones. The command runs in the foreground and ends with this ssh
-# session: start long runs inside tmux or screen.
+# Steps: (1) create the slice if it does not exist (ACCELERATOR_TYPE, RUNTIME_VERSION; SPOT=1 for
+# a preemptible one); (2) ship this repository's committed tree (git archive HEAD) to every
+# worker; (3) install requirements.txt and jax[tpu] there (SKIP_INSTALL=1 skips it); (4) run
+# `python3 -m MODULE FLAGS --distributed` on --worker=all (JAX finds the other workers itself)
+# and stream the output (worker 0 logs progress; the others only warnings). Keep the workdir and
+# the TFDS data dir on GCS, so that every worker reads and writes the same ones. The job ends
+# with the ssh session: start long runs inside tmux or screen.
 set -euo pipefail
 
-TPU_NAME="${TPU_NAME:?set TPU_NAME}"
-ZONE="${ZONE:?set ZONE}"
-BUCKET="${BUCKET:?set BUCKET, e.g. gs://my-bucket}"
-CONFIG="${CONFIG:-configs/imagenet64.py}"
-WORKDIR="${WORKDIR:-$BUCKET/cfdg/$(basename "$CONFIG" .py)}"
-DATA_DIR="${DATA_DIR:-$BUCKET/tensorflow_datasets}"  # Holds the prepared TFDS data set.
-REPO_DIR="${REPO_DIR:-cfdg_jax}"
-PYTHON="${PYTHON:-python3}"
-
-# Quoted once more for the remote shell.
-command="cd $(printf '%q' "$REPO_DIR") && $PYTHON -m cfdg_jax.train"
-for arg in --config "$CONFIG" --workdir "$WORKDIR" --config.data.data_dir="$DATA_DIR" \
-    --distributed "$@"; do
-  command+=" $(printf '%q' "$arg")"
+dry_run=0
+if [[ "${1:-}" == "--dry_run" ]]; then dry_run=1; shift; fi
+if [[ "${1:-}" == "--" ]]; then shift; fi
+if (($# == 0)); then
+  echo "usage: $0 [--dry_run] -- MODULE [FLAGS...], e.g. -- cfdg_jax.train --config ..." >&2
+  exit 2
+fi
+TPU_NAME="${TPU_NAME:?set TPU_NAME, the slice to create or reuse}"
+ZONE="${ZONE:?set ZONE, e.g. us-central2-b}"
+ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v4-32}"
+RUNTIME_VERSION="${RUNTIME_VERSION:-tpu-ubuntu2204-base}"
+REPO_DIR="${REPO_DIR:-cfdg_jax}"  # On each worker, relative to its home directory.
+JAX_VERSION="$(sed -n 's/^jax==//p' "$(dirname "$0")/../requirements.txt")"
+for arg in "$@"; do
+  if [[ "$arg" == --workdir=/* || "$arg" == /* ]]; then
+    echo "warning: $arg is a local path; each worker would write its own. Use gs://." >&2
+  fi
 done
 
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$command"
+quote() {  # One argument as a shell reads it back, in single quotes where needed.
+  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then printf '%s' "$1"
+  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
+}
+run() {  # Prints the command; runs it unless --dry_run.
+  local arg line=""
+  for arg in "$@"; do line+="$(quote "$arg") "; done
+  echo "${line% }"
+  if ((!dry_run)); then "$@"; fi
+}
+remote() {  # A command line for the workers' shell, each argument quoted.
+  local arg line=""
+  for arg in "$@"; do line+="$(quote "$arg") "; done
+  printf '%s' "${line% }"
+}
+tpu=(gcloud compute tpus tpu-vm)
+where=(--zone "$ZONE")
+
+if ((dry_run)) || ! "${tpu[@]}" describe "$TPU_NAME" "${where[@]}" > /dev/null 2>&1; then
+  echo "# if $TPU_NAME does not exist yet:"
+  run "${tpu[@]}" create "$TPU_NAME" "${where[@]}" --accelerator-type "$ACCELERATOR_TYPE" \
+      --version "$RUNTIME_VERSION" ${SPOT:+--spot}
+fi
+archive="${TMPDIR:-/tmp}/cfdg_jax_$$.tar.gz"
+run git -C "$(dirname "$0")/.." archive --format=tar.gz -o "$archive" HEAD
+run "${tpu[@]}" scp "$archive" "$TPU_NAME:cfdg_jax.tar.gz" "${where[@]}" --worker=all
+run "${tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command \
+    "rm -rf $(remote "$REPO_DIR") && mkdir -p $(remote "$REPO_DIR") && tar xzf cfdg_jax.tar.gz -C $(remote "$REPO_DIR")"
+if [[ -z "${SKIP_INSTALL:-}" ]]; then
+  run "${tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command \
+      "cd $(remote "$REPO_DIR") && python3 -m pip install -q -r requirements.txt $(remote "jax[tpu]==$JAX_VERSION")"
+fi
+run "${tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command \
+    "cd $(remote "$REPO_DIR") && python3 -m $(remote "$@") --distributed"

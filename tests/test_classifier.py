@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from cfdg_jax import input_pipeline
 from cfdg_jax.eval import classifier
@@ -42,8 +41,10 @@ def trained(data_config, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def digits_test_split(data_config):
-  builder = input_pipeline.get_builder(data_config)
-  return tfds.as_numpy(builder.as_dataset(split="test", batch_size=-1))
+  source = input_pipeline.get_builder(data_config).as_data_source(split="test")
+  examples = [source[i] for i in range(len(source))]
+  return {"image": np.stack([e["image"] for e in examples]),
+          "label": np.array([e["label"] for e in examples])}
 
 
 def test_classifier_outputs_and_variables():

@@ -19,6 +19,7 @@ from PIL import Image
 from cfdg_jax import guidance
 from cfdg_jax import pipeline
 from cfdg_jax import samplers
+from cfdg_jax import sharding
 from cfdg_jax import trainer
 from cfdg_jax.eval import classifier
 from cfdg_jax.eval import evaluator
@@ -112,7 +113,7 @@ def test_results_log_appends_durably_and_skips_torn_and_old_rows(tmp_path):
 
 class _FakePipeline:
   """sample_batches as Pipeline's, with "images" that show what they were sampled with."""
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  mesh = sharding.create_mesh()
 
   def __init__(self):
     self.shapes, self.last_stats = [], {}

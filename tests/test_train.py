@@ -14,6 +14,7 @@ from jax import monitoring
 
 from cfdg_jax import checkpointing
 from cfdg_jax import input_pipeline
+from cfdg_jax import job as job_lib
 from cfdg_jax import pipeline
 from cfdg_jax import sharding
 from cfdg_jax import trainer
@@ -121,13 +122,10 @@ def test_train_checkpoint_restore_sample_and_resume(tmp_path, data_dir):
 @pytest.mark.slow
 def test_train_step_and_sampler_compile_once(data_dir):
   config = tiny_config(data_dir)
-  mesh = sharding.create_mesh()
-  model, tx = unet.create_model(config), trainer.create_optimizer(config)
-  init = lambda rng: trainer.init_state(rng, model=model, tx=tx, config=config)
-  state_sharding = sharding.tree_shardings(jax.eval_shape(init, jax.random.key(0)), mesh,
-                                           config.sharding)
-  state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(0))
-  step_fn = trainer.make_train_step(model, tx, config, mesh, state_sharding)
+  mesh = sharding.create_mesh(config.mesh)
+  job = job_lib.create_job(config, mesh)
+  state = job.init_state(jax.random.key(0))
+  step_fn = trainer.make_train_step(job)
   batches = input_pipeline.create_train_iterator(config.data, global_batch_size=16, seed=0)
   host_batches = [next(batches) for _ in range(5)]
   rng = jax.random.key(1)
@@ -139,7 +137,7 @@ def test_train_step_and_sampler_compile_once(data_dir):
   assert not compiles, compiles
   assert int(state.step) == 5
 
-  pipe = pipeline.Pipeline(pipeline.Network(model, config, state_sharding.ema_params),
+  pipe = pipeline.Pipeline(pipeline.Network(job.model, config, job.state_sharding.ema_params),
                            state.ema_params, mesh)
   for sampler in ("ancestral", "dpmpp_2m(num_steps=4)"):
     pipe.sample(np.arange(10), 0.0, sampler=sampler)
@@ -163,8 +161,16 @@ def test_train_step_and_sampler_compile_once(data_dir):
 
 def test_bad_configs_fail_before_compiling(data_dir):
   with count_compiles() as compiles:
-    with pytest.raises(ValueError, match="divisible by the 2 devices"):
-      trainer.check_config(tiny_config(data_dir, batch_size=15))
+    for batch_size in (15, 0):
+      with pytest.raises(ValueError, match=rf"config.batch_size={batch_size} must be a positive "
+                         r"multiple of the 2 devices \(mesh data=2 × fsdp=1, 1 processes\)"):
+        trainer.check_config(tiny_config(data_dir, batch_size=batch_size))
+    with pytest.raises(ValueError, match="needs a device count divisible by 3, but there are 2"):
+      trainer.check_config(tiny_config(data_dir, **{"mesh.fsdp": 3}))
+    with pytest.raises(ValueError, match=r"data=2 × fsdp=2 = 4 devices, but there are 2"):
+      trainer.check_config(tiny_config(data_dir, **{"mesh.data": 2, "mesh.fsdp": 2}))
+    with pytest.raises(ValueError, match="both -1"):
+      trainer.check_config(tiny_config(data_dir, **{"mesh.fsdp": -1}))
     with pytest.raises(ValueError, match="p_uncond"):
       trainer.check_config(tiny_config(data_dir, **{"diffusion.p_uncond": 1.5}))
     with pytest.raises(ValueError, match="prediction"):
@@ -186,14 +192,12 @@ def test_bad_configs_fail_before_compiling(data_dir):
 
 def _random_pipeline(config, mesh, seed):
   """A Pipeline of `config`'s UNet with random weights (the zero-initialised output layer too)."""
-  model = unet.create_model(config)
-  init = lambda rng: unet.init_params(rng, model, config)
-  params_sharding = sharding.tree_shardings(jax.eval_shape(init, jax.random.key(0)), mesh,
-                                            config.sharding)
+  job = job_lib.create_job(config, mesh)
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(seed), p.shape),
-                        init(jax.random.key(seed)))
+                        unet.init_params(jax.random.key(seed), job.model, config))
+  params_sharding = job.state_sharding.ema_params
   params = jax.device_put(params, params_sharding)
-  return pipeline.Pipeline(pipeline.Network(model, config, params_sharding), params, mesh)
+  return pipeline.Pipeline(pipeline.Network(job.model, config, params_sharding), params, mesh)
 
 
 @pytest.mark.slow
@@ -292,14 +296,15 @@ def test_command_line_train_then_sample(tmp_path, data_dir):
 
 
 def test_fsdp_rule_splits_the_largest_divisible_dimension():
-  mesh = sharding.create_mesh()
-  assert mesh.shape == {"data": 2}  # conftest's two CPU devices.
-  spec = lambda shape, fsdp=True, min_size=16: sharding.param_spec(shape, mesh, fsdp, min_size)
-  assert spec((3, 3, 64, 128)) == jax.sharding.PartitionSpec(None, None, None, "data")
+  mesh = sharding.create_mesh({"data": 1, "fsdp": -1})
+  assert mesh.shape == {"data": 1, "fsdp": 2}  # conftest's two CPU devices.
+  spec = lambda shape, min_size=16: sharding.param_spec(shape, mesh, min_size)
+  assert spec((3, 3, 64, 128)) == jax.sharding.PartitionSpec(None, None, None, "fsdp")
   assert spec((3, 3, 65, 33)) == jax.sharding.PartitionSpec()  # Nothing divisible by 2.
-  assert spec((130, 7)) == jax.sharding.PartitionSpec("data")
+  assert spec((130, 7)) == jax.sharding.PartitionSpec("fsdp")
   assert spec((4,)) == jax.sharding.PartitionSpec()  # Below fsdp_min_size.
-  assert spec((3, 3, 64, 128), fsdp=False) == jax.sharding.PartitionSpec()
+  data_parallel = sharding.create_mesh({"data": -1, "fsdp": 1})
+  assert sharding.param_spec((3, 3, 64, 128), data_parallel, 16) == jax.sharding.PartitionSpec()
 
 
 @pytest.mark.slow
@@ -307,21 +312,18 @@ def test_fsdp_training_matches_replicated_training(data_dir):
   """Sharding the parameters changes where they live, not what the step computes."""
   host_batches = None
   results = []
-  for fsdp in (False, True):
-    config = tiny_config(data_dir, **{"sharding.fsdp": fsdp, "sharding.fsdp_min_size": 256})
-    mesh = sharding.create_mesh()
-    model, tx = unet.create_model(config), trainer.create_optimizer(config)
-    init = lambda rng: trainer.init_state(rng, model=model, tx=tx, config=config)
-    state_sharding = sharding.tree_shardings(jax.eval_shape(init, jax.random.key(0)), mesh,
-                                             config.sharding)
-    state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(0))
+  for fsdp in (1, 2):
+    config = tiny_config(data_dir, **{"mesh.data": -1, "mesh.fsdp": fsdp,
+                                      "mesh.fsdp_min_size": 256})
+    job = job_lib.create_job(config, sharding.create_mesh(config.mesh))
+    state = job.init_state(jax.random.key(0))
     if host_batches is None:
       batches = input_pipeline.create_train_iterator(config.data, global_batch_size=16, seed=0)
       host_batches = [next(batches) for _ in range(2)]
-    step_fn = trainer.make_train_step(model, tx, config, mesh, state_sharding)
+    step_fn = trainer.make_train_step(job)
     for batch in host_batches:
-      state, _ = step_fn(state, sharding.shard_batch(batch, mesh), jax.random.key(1))
-    specs = {s.spec for s in jax.tree.leaves(state_sharding.params)}
-    assert (jax.sharding.PartitionSpec() in specs) and (len(specs) > 1) == fsdp
+      state, _ = step_fn(state, sharding.shard_batch(batch, job.mesh), jax.random.key(1))
+    specs = {s.spec for s in jax.tree.leaves(job.state_sharding.params)}
+    assert (jax.sharding.PartitionSpec() in specs) and (len(specs) > 1) == (fsdp > 1)
     results.append(jax.device_get(state.params))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *results)

@@ -1,5 +1,6 @@
 """Tests for cfdg_jax.unet: shapes, dtypes, parameter count, conditioning, dropout, validation."""
 import functools
+import re
 
 import flax
 import jax
@@ -270,3 +271,26 @@ def test_bad_inputs_raise(logsnr, labels, match):
   model = unet.UNet(**TINY)
   with pytest.raises(ValueError, match=match):
     model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)), logsnr, labels, train=False)
+
+
+def test_remat_blocks_computes_the_same_function_and_gradients(tiny):
+  model, _, params, _ = tiny
+  remat = model.clone(remat="blocks")
+  x, logsnr, labels = _inputs()
+  assert jax.tree.structure(_init_shapes(remat, x)) == jax.tree.structure({"params": params})
+
+  def loss(m, p):
+    out = m.apply({"params": p}, x, logsnr, labels, train=True,
+                  rngs={"dropout": jax.random.key(3)})
+    return jnp.sum(out ** 2)
+  grad = lambda m: jax.jit(jax.value_and_grad(functools.partial(loss, m)))(params)
+  (value, grads), (remat_value, remat_grads) = grad(model), grad(remat)
+  np.testing.assert_allclose(remat_value, value, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               remat_grads, grads)
+  # The backward pass recomputes the blocks (a checkpoint per block) rather than storing them.
+  count = lambda m: len(re.findall(r"\bremat\w*\[", str(
+      jax.make_jaxpr(jax.grad(functools.partial(loss, m)))(params))))
+  assert count(model) == 0 and count(remat) >= 5
+  with pytest.raises(ValueError, match="remat='all'; use one of"):
+    model.clone(remat="all").init(jax.random.key(0), x, logsnr, labels, train=False)

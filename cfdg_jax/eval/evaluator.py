@@ -117,7 +117,8 @@ class Evaluator:
 
   def __init__(self, workdir: str, eval_override: ml_collections.ConfigDict | None = None, *,
                step: int | None = None, sampler_specs: Sequence[str] | None = None,
-               guidance_specs: Sequence[str] | None = None):
+               guidance_specs: Sequence[str] | None = None,
+               mesh: jax.sharding.Mesh | None = None):
     self.workdir = workdir
     self.override = eval_override
     self.step = step
@@ -126,7 +127,7 @@ class Evaluator:
       plan.check_eval_config(self._eval_config(None), jax.device_count())
     self.is_chief = jax.process_index() == 0
     self.eval_dir = epath.Path(workdir) / "eval"
-    self.mesh = sharding.create_mesh()
+    self.mesh = mesh or sharding.create_mesh()
     self.manager = checkpointing.create_manager(workdir, read_only=True)
     self.results = self.writer = None
     if self.is_chief:
@@ -386,7 +387,8 @@ class Evaluator:
 def evaluate_workdir(workdir: str, eval_override: ml_collections.ConfigDict | None = None, *,
                      step: int | None = None, watch: bool = False, poll_seconds: float = 30.0,
                      sampler_specs: Sequence[str] | None = None,
-                     guidance_specs: Sequence[str] | None = None) -> list[dict]:
+                     guidance_specs: Sequence[str] | None = None,
+                     mesh: jax.sharding.Mesh | None = None) -> list[dict]:
   """Evaluates `workdir`'s checkpoints (see the module docstring); returns the rows recorded.
 
   Args:
@@ -398,6 +400,8 @@ def evaluate_workdir(workdir: str, eval_override: ml_collections.ConfigDict | No
       `step`) is evaluated; without it, evaluate the checkpoints there now and return.
     poll_seconds: seconds between polls when watching.
     sampler_specs, guidance_specs: replace the eval section's samplers / guidance settings.
+    mesh: the devices to sample on (default: data parallel over all of them).
   """
   return Evaluator(workdir, eval_override, step=step, sampler_specs=sampler_specs,
-                   guidance_specs=guidance_specs).run(watch=watch, poll_seconds=poll_seconds)
+                   guidance_specs=guidance_specs, mesh=mesh).run(watch=watch,
+                                                                poll_seconds=poll_seconds)

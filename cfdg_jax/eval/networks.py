@@ -13,7 +13,6 @@ from typing import Callable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
@@ -73,26 +72,12 @@ def classifier_network(classifier_dir: str, data_config: ml_collections.ConfigDi
 
 
 def reference_images(builder: tfds.core.DatasetBuilder, split: str, image_size: int) -> np.ndarray:
-  """uint8 [N, S, S, C]: the split's first MAX_REFERENCE_IMAGES images, as stored.
+  """uint8 [N, S, S, C]: the split's first MAX_REFERENCE_IMAGES images, in stored order.
 
-  Resized (central square, antialiased, as the training pipeline) only when S differs.
+  Prepared as the training images are (`input_pipeline.prepare_image`).
   """
-  stored = builder.info.features["image"].shape
-
-  def prepare(example):
-    image = example["image"]
-    if tuple(stored[:2]) != (image_size, image_size):
-      image = input_pipeline._center_crop_and_resize(  # pylint: disable=protected-access
-          tf.cast(image, tf.float32), image_size)
-      image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-    return image
-
-  # One pass over part of the split: TFDS's auto-cache would only warn about the unread rest.
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                         read_config=tfds.ReadConfig(try_autocache=False))
-  ds = ds.take(MAX_REFERENCE_IMAGES)
-  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(1000)
-  return np.concatenate(list(tfds.as_numpy(ds)))
+  return np.concatenate([images for images, _ in input_pipeline.read_split(
+      builder, split, image_size, limit=MAX_REFERENCE_IMAGES)])
 
 
 def reference_path(cache_dir: epath.PathLike, dataset: str, split: str, image_size: int,

@@ -1,0 +1,135 @@
+"""Runs one job as N processes on this machine's CPU, as a multi-host pod would run it.
+
+  python launch/local.py --num_processes 2 --devices_per_process 2 -- \
+      cfdg_jax.train --config configs/digits.py --workdir /tmp/cfdg_mp
+
+Each process runs `python -m <module> <flags> --coordinator_address=localhost:PORT
+--num_processes=N --process_id=i` with M CPU devices and gloo cross-process collectives, so the
+job sees N×M devices, exactly the code paths of a pod (jax.distributed, per-process data,
+collectives, checkpoints). Process 0's output is streamed as it is, the others' prefixed with
+"[i] ". If any process fails, the others are stopped (SIGTERM, then SIGKILL) and the launcher
+exits with the failing process's code; Ctrl-C stops them all. No process is left behind.
+"""
+import argparse
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+_GRACE_SECONDS = 5.0  # Between SIGTERM and SIGKILL: a process stuck in a collective ignores TERM.
+
+
+def _interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def process_env(devices_per_process: int) -> dict[str, str]:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices_per_process),
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", PYTHONUNBUFFERED="1")
+  # A forced host device count in XLA_FLAGS would override JAX_NUM_CPU_DEVICES.
+  env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
+                            env.get("XLA_FLAGS", "")).strip()
+  return env
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+  """TERM, then KILL after a grace period, each process's whole group (its children too)."""
+  for sig in (signal.SIGTERM, signal.SIGKILL):
+    alive = [p for p in processes if p.poll() is None]
+    for p in alive:
+      try:
+        os.killpg(p.pid, sig)
+      except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + _GRACE_SECONDS
+    while any(p.poll() is None for p in alive) and time.monotonic() < deadline:
+      time.sleep(0.05)
+
+
+def run(module: str, flags: list[str], num_processes: int, devices_per_process: int,
+        port: int) -> int:
+  """Starts the processes, streams their output; returns 0 or the first failure's exit code."""
+  env = process_env(devices_per_process)
+  processes = []
+  for i in range(num_processes):
+    command = [sys.executable, "-m", module, *flags, f"--coordinator_address=localhost:{port}",
+               f"--num_processes={num_processes}", f"--process_id={i}"]
+    # A session of its own, so that stop() reaches every process it starts.
+    processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+  print(f"launch/local.py: {num_processes} processes × {devices_per_process} CPU devices, "
+        f"coordinator localhost:{port}, pids {[p.pid for p in processes]}.", flush=True)
+  selector = selectors.DefaultSelector()
+  for i, p in enumerate(processes):
+    os.set_blocking(p.stdout.fileno(), False)
+    selector.register(p.stdout, selectors.EVENT_READ, i)
+  pending = {i: b"" for i in range(num_processes)}
+  status = 0
+  try:
+    while selector.get_map():
+      for key, _ in selector.select(timeout=0.2):
+        i = key.data
+        chunk = key.fileobj.read()
+        if not chunk:  # EOF: the process closed its output (it exits).
+          selector.unregister(key.fileobj)
+        *lines, pending[i] = (pending[i] + (chunk or b"")).split(b"\n")
+        if not chunk and pending[i]:
+          lines, pending[i] = [*lines, pending[i]], b""
+        prefix = b"" if i == 0 else f"[{i}] ".encode()
+        sys.stdout.buffer.write(b"".join(prefix + line + b"\n" for line in lines))
+        sys.stdout.flush()
+      failed = [(i, p.returncode) for i, p in enumerate(processes)
+                if p.poll() is not None and p.returncode != 0]
+      if failed:
+        status = failed[0][1] if failed[0][1] > 0 else 128 - failed[0][1]
+        print(f"launch/local.py: process {failed[0][0]} exited with {failed[0][1]}; stopping "
+              "the others.", file=sys.stderr, flush=True)
+        break
+  except KeyboardInterrupt:
+    status = 130
+  finally:
+    stop(processes)
+  codes = [p.wait() for p in processes]
+  if not status and any(codes):  # A failure seen only as its output ended.
+    i = next(i for i, c in enumerate(codes) if c)
+    print(f"launch/local.py: process {i} exited with {codes[i]}.", file=sys.stderr, flush=True)
+    status = codes[i] if codes[i] > 0 else 128 - codes[i]
+  return status
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(
+      description=__doc__.split("\n\n", 1)[0],
+      usage="%(prog)s [--num_processes N] [--devices_per_process M] [--port P] -- MODULE [FLAGS]")
+  parser.add_argument("--num_processes", type=int, default=2)
+  parser.add_argument("--devices_per_process", type=int, default=1)
+  parser.add_argument("--port", type=int, default=None,
+                      help="coordinator port on localhost (default: a free one)")
+  parser.add_argument("command", nargs=argparse.REMAINDER,
+                      help="the module to run (e.g. cfdg_jax.train) and its flags")
+  args = parser.parse_args()
+  command = args.command[1:] if args.command[:1] == ["--"] else args.command
+  if not command:
+    parser.error("give the module to run after --, e.g. -- cfdg_jax.train --config ...")
+  for name in ("num_processes", "devices_per_process"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name}={getattr(args, name)}: use a positive integer.")
+  # Ctrl-C and TERM reach the launcher alone (the processes have their own sessions).
+  signal.signal(signal.SIGTERM, _interrupt)
+  return run(command[0], command[1:], args.num_processes, args.devices_per_process,
+             args.port or free_port())
+
+
+if __name__ == "__main__":
+  sys.exit(main())
