@@ -3,6 +3,7 @@ restores, and the launcher's failure handling."""
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -164,3 +165,28 @@ def test_launcher_stops_every_process_when_one_fails(tmp_path):
   for pid in pids:  # Reaped by the launcher, so no pid of the job is left.
     with pytest.raises(ProcessLookupError):
       os.kill(pid, 0)
+
+
+def test_pod_and_slurm_scripts_dry_run(tmp_path):
+  job = ["cfdg_jax.train", "--config", "configs/imagenet64.py", "--workdir", "gs://b/in64",
+         "--config.sample.w=(0.0,1.0)", "--config.data.manual_dir=/data/it's here"]
+  for script in ("tpu_vm_pod.sh", "gpu_slurm.sbatch"):
+    assert subprocess.run(["bash", "-n", str(REPO / "launch" / script)]).returncode == 0
+  env = dict(os.environ, TPU_NAME="pod", ZONE="us-central2-b", ACCELERATOR_TYPE="v4-32")
+  tpu = subprocess.run(["bash", str(REPO / "launch" / "tpu_vm_pod.sh"), "--dry_run", "--", *job],
+                       env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+  gcloud = "gcloud compute tpus tpu-vm"
+  assert tpu[1] == (f"{gcloud} create pod --zone us-central2-b --accelerator-type v4-32 "
+                    "--version tpu-ubuntu2204-base")
+  assert re.fullmatch(rf"{gcloud} scp \S+\.tar\.gz pod:cfdg_jax.tar\.gz --zone us-central2-b "
+                      "--worker=all", tpu[3])
+  assert "jax[tpu]==0.10.2" in tpu[5]
+  # The last command, as the workers' shell reads it, is the job with --distributed.
+  ssh = shlex.split(tpu[-1])
+  assert ssh[:9] == [*gcloud.split(), "ssh", "pod", "--zone", "us-central2-b", "--worker=all"]
+  assert shlex.split(ssh[-1]) == ["cd", "cfdg_jax", "&&", "python3", "-m", *job, "--distributed"]
+  slurm = subprocess.run(["bash", str(REPO / "launch" / "gpu_slurm.sbatch"), "--dry_run", "--",
+                          *job], env=dict(os.environ, PER="node", SLURM_GPUS_ON_NODE="4"),
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+  assert shlex.split(slurm[1]) == ["srun", "--kill-on-bad-exit=1", "python", "-m", *job,
+                                   "--distributed", "--local_device_ids=0,1,2,3"]
