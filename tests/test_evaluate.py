@@ -442,3 +442,27 @@ def test_command_line(watched_run, tmp_path):
                    f"--config.eval.classifier_dir={config.classifier_dir}")
   assert again.returncode == 0, again.stderr[-3000:]
   assert _read_rows(workdir) == before
+
+
+@pytest.mark.slow
+def test_two_processes_record_the_rows_of_one(watched_run, tmp_path):
+  """The eval job as 2 processes × 1 device (launch/local.py): each row of the 1-process job
+  on 2 devices, recorded once, by process 0."""
+  workdir, config, rows, _ = watched_run
+  copy = tmp_path / "run"
+  shutil.copytree(os.path.join(workdir, "checkpoints"), copy / "checkpoints")
+  flags = [f"--config.eval.{k}={v}" for k, v in TINY_EVAL.items() if k != "samplers"]
+  result = subprocess.run(
+      [sys.executable, str(REPO / "launch" / "local.py"), "--num_processes=2", "--",
+       "cfdg_jax.evaluate", "--workdir", str(copy), "--config", "configs/digits.py", *flags,
+       "--sampler", "ancestral", "--steps", "4", "--step=4",
+       f"--config.eval.classifier_dir={config.classifier_dir}"],
+      cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+      timeout=600)
+  assert result.returncode == 0, result.stdout[-4000:]
+  expected = {results.row_key(r): r for r in rows if r["step"] == 4}
+  recorded = _read_rows(copy)
+  assert sorted(results.row_key(r) for r in recorded) == sorted(expected)
+  for row in recorded:
+    for metric in ("classifier_fid", "classifier_accuracy"):
+      np.testing.assert_allclose(row[metric], expected[results.row_key(row)][metric], rtol=1e-4)
