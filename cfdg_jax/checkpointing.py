@@ -70,8 +70,9 @@ def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.
 def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A config saved by an earlier version, in today's layout.
 
-  Before rematerialisation, config.model had no remat. Before the mesh section, config.sharding held {fsdp: bool, fsdp_min_size}. Before the sampler
-  and guidance sections, config.sample held {num_steps, v, clip_x, guidance: the grid's w,
+  Before rematerialisation, config.model had no remat. Before the mesh section,
+  config.sharding held {fsdp: bool, fsdp_min_size}. Before the sampler and guidance sections,
+  config.sample held {num_steps, v, clip_x, guidance: the grid's w,
   num_per_class} and config.eval {guidance: the w, num_steps, v, step_sweep_guidance, ...}.
   """
   config = ml_collections.ConfigDict(config.to_dict())

@@ -32,7 +32,8 @@ _HOW_COMPUTED = ("dtype", "remat")  # Fields of config.model that leave the para
 
 def train_step(state: job_lib.TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                model: unet.UNet, tx: optax.GradientTransformation,
-               config: ml_collections.ConfigDict) -> tuple[job_lib.TrainState, dict[str, jax.Array]]:
+               config: ml_collections.ConfigDict
+               ) -> tuple[job_lib.TrainState, dict[str, jax.Array]]:
   """One AdamW step on the classifier-free loss, then the EMA update.
 
   batch: {'image': float32 [B, H, W, C] in [−1, 1], 'label': int32 [B]}, split over the mesh.

@@ -115,14 +115,14 @@ def test_process_and_device_layouts_train_alike_and_checkpoints_reshard(tmp_path
                              [reference[s] for s in (3, 4)], rtol=2e-5)
   assert_trees_close(restore(resumed, 4, mesh), final["1x1"], rtol=2e-4, atol=2e-6)
 
-  # The 2-process checkpoint samples on one device, and on 2 processes × 2 devices (process 0
-  # alone writing) the same images.
+  # The 2-process checkpoint samples on one device, and the same images on 2 processes × 2
+  # devices with the parameters split in two (process 0 alone writing).
   pipe = pipeline.load(str(tmp_path / "2x2"), mesh=one_device_mesh())
   labels, w, ids = pipeline.class_sweep(10, 1, (0.0, 1.0))  # The sample CLI's grid.
   images = pipe.sample(labels, w, ids=ids, sampler="ddim", num_steps=3)
   assert pipe.step == 4 and images.shape == (20, 8, 8, 1)
   launch(2, 2, f"--workdir={tmp_path / '2x2'}", f"--npz={tmp_path / 'mp.npz'}", "--w=0,1",
-         "--num_per_class=1", "--sampler=ddim", "--steps=3", module="cfdg_jax.sample")
+         "--num_per_class=1", "--sampler=ddim", "--steps=3", "--fsdp=2", module="cfdg_jax.sample")
   with np.load(tmp_path / "mp.npz") as data:
     assert np.abs(data["images"].astype(int) - images).max() <= 1  # Float round-off, in uint8.
 

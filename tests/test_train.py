@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from jax import monitoring
@@ -16,6 +17,7 @@ from cfdg_jax import checkpointing
 from cfdg_jax import input_pipeline
 from cfdg_jax import job as job_lib
 from cfdg_jax import pipeline
+from cfdg_jax import samplers
 from cfdg_jax import sharding
 from cfdg_jax import trainer
 from cfdg_jax import unet
@@ -327,3 +329,28 @@ def test_fsdp_training_matches_replicated_training(data_dir):
     assert (jax.sharding.PartitionSpec() in specs) and (len(specs) > 1) == (fsdp > 1)
     results.append(jax.device_get(state.params))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *results)
+
+
+def test_configs_of_older_checkpoints_are_upgraded(data_dir):
+  """A checkpoint's config from before the sampler, mesh and remat fields reads as today's."""
+  config = tiny_config(data_dir)
+  old = config.to_dict()
+  old["sharding"] = {"fsdp": True, "fsdp_min_size": 1024}
+  del old["mesh"], old["model"]["remat"]
+  old["sample"] = {"num_steps": 64, "v": 0.2, "clip_x": False, "guidance": (0.0, 2.0),
+                   "num_per_class": 3}
+  old["eval"] = {**{k: v for k, v in old["eval"].items()
+                    if k not in ("w", "samplers", "guidance", "step_sweep_w", "labels")},
+                 "guidance": (0.0, 1.0), "num_steps": 128, "v": None,
+                 "step_sweep_guidance": (1.0,)}
+  new = checkpointing.upgrade_config(ml_collections.ConfigDict(old))
+  assert new.mesh.to_dict() == {"data": 1, "fsdp": -1, "fsdp_min_size": 1024}
+  assert "sharding" not in new and new.model.remat == "none"
+  assert samplers.settings_from_config(new.sample.sampler).canonical == (
+      "ancestral(grid='cosine',num_steps=64,v=0.2)")
+  assert not new.sample.guidance.clip_x and tuple(new.sample.w) == (0.0, 2.0)
+  assert tuple(new.eval.samplers) == ("ancestral(num_steps=128,v=0.2)",)
+  assert tuple(new.eval.w) == (0.0, 1.0) and tuple(new.eval.step_sweep_w) == (1.0,)
+  job = job_lib.create_job(new, sharding.create_mesh(new.mesh))  # Usable as it is.
+  assert job.mesh.shape == {"data": 1, "fsdp": 2}
+  assert checkpointing.upgrade_config(config).to_dict() == config.to_dict()  # Today's: as is.
