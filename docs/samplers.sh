@@ -37,9 +37,13 @@ evaluate --config.eval.w="(0.0,1.0,3.0)" --config.eval.samplers="${SAMPLERS:-(\
 # 2. Guidance methods against w, with DPM-Solver++(2M) at 20 steps: plain guidance, two guidance
 # intervals (Kynkäänniemi et al.'s ImageNet interval σ in (0.28, 5.42], i.e. λ in [-3.38, 2.55],
 # and a wider one), rescale, APG with and without momentum, and autoguidance by the checkpoint
-# at GUIDE_STEP. GUIDED_W replaces the guidance weights.
+# at GUIDE_STEP. GUIDED_W replaces the guidance weights; SHORT=1 keeps plain guidance, the first
+# interval and autoguidance.
+autoguidance="'autoguidance(guide_workdir=\"$workdir\",guide_step=$guide_step)'"
+methods="'cfg','cfg(interval_lo=-3.38,interval_hi=2.55)',$autoguidance"
+if [[ -z "${SHORT:-}" ]]; then
+  methods+=",'cfg(interval_lo=-6.0,interval_hi=4.0)','cfg(rescale=0.7)','cfg(apg_eta=0.0)'"
+  methods+=",'cfg(apg_eta=0.0,apg_momentum=-0.5)'"
+fi
 evaluate --config.eval.w="${GUIDED_W:-(0.5,1.0,2.0,3.0,4.0)}" \
-    --config.eval.samplers="('dpmpp_2m(num_steps=20)',)" --config.eval.guidance="('cfg',\
-'cfg(interval_lo=-3.38,interval_hi=2.55)','cfg(interval_lo=-6.0,interval_hi=4.0)',\
-'cfg(rescale=0.7)','cfg(apg_eta=0.0)','cfg(apg_eta=0.0,apg_momentum=-0.5)',\
-'autoguidance(guide_workdir=\"$workdir\",guide_step=$guide_step)')" "$@"
+    --config.eval.samplers="('dpmpp_2m(num_steps=20)',)" --config.eval.guidance="($methods)" "$@"
