@@ -90,8 +90,8 @@ def method_table(dataset, rows):
 
 
 def _plain_ticks(*axes):
-  """Log axes labelled 0.2, 0.5, 20 rather than 2×10^-1 (only 1, 2, 3 and 5 times a power of 10)."""
-  label = ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "1235" else "")
+  """Log axes labelled 0.2, 0.5, 20 rather than 2×10^-1 (1, 2, 3, 5, 6, 8 times a power of 10)."""
+  label = ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "123568" else "")
   for axis in axes:
     axis.set_major_formatter(label)
     axis.set_minor_formatter(label)
@@ -121,9 +121,11 @@ def plot_nfe(datasets, path):
 def plot_methods(datasets, path):
   fig = figure.Figure(figsize=(12, 4.2 * len(datasets)), layout="constrained")
   axes = fig.subplots(len(datasets), 2, squeeze=False)
+  colors = {}  # One color per method across the data sets.
   for (dataset, rows), (left, right) in zip(datasets, axes):
     rows = [r for r in rows if r["sampler"] == METHOD_SAMPLER and r["w"] > 0]
-    for i, m in enumerate(dict.fromkeys(method(r) for r in rows)):
+    for m in dict.fromkeys(method(r) for r in rows):
+      i = colors.setdefault(m, len(colors))
       points = sorted((r["w"], r["classifier_fid"], r["classifier_accuracy"]) for r in rows
                       if method(r) == m)
       ws, fids, accuracies = zip(*points)
