@@ -5,20 +5,35 @@ Each step directory <workdir>/checkpoints/<step>/ holds three items:
   ema_params   the EMA weights, which sampling and evaluation read alone;
   config       the run's config as JSON, so a checkpoint is self-describing.
 Saves are asynchronous and atomic (written to a temporary directory, then renamed), so a reader
-never sees a half-written step. Every process calls these functions: Orbax coordinates them.
+never sees a half-written step. A step that cannot be read (truncated, missing files) is reported
+and skipped for the newest good one. Every process calls these functions: Orbax coordinates them.
 """
+import json
 import os
-from typing import Any
+import re
+import time
+from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 
+from cfdg_jax import errors
 from cfdg_jax import guidance
 from cfdg_jax import job as job_lib
 from cfdg_jax import samplers
 
 ITEMS = ("train_state", "ema_params", "config")
+# Config fields a resumed run must share with its checkpoint (they fix the parameters), less those
+# that only say how the same parameters are computed.
+_ARCHITECTURE_FIELDS = ("model", "data.image_size", "data.channels", "data.num_classes",
+                        "diffusion.prediction")
+_HOW_COMPUTED = ("model.dtype", "model.remat")
+_MAX_ROWS = 12  # Parameters listed when a checkpoint holds another model.
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -37,12 +52,50 @@ def create_manager(workdir: str, *, save_every: int = 1, keep: int | None = None
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
          config: ml_collections.ConfigDict, *, force: bool = False) -> bool:
-  """Starts an asynchronous save of `state` (a TrainState) at `step`; returns whether it saves."""
+  """Starts an asynchronous save of `state` (a TrainState) at `step`; returns whether it saves.
+
+  Raises JobError when this or the previous save failed (a full disk, a failed write).
+  """
   train_state = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
-  return manager.save(step, args=ocp.args.Composite(
-      train_state=ocp.args.StandardSave(train_state),
-      ema_params=ocp.args.StandardSave(state.ema_params),
-      config=ocp.args.JsonSave(config.to_dict())), force=force)
+  try:
+    return manager.save(step, args=ocp.args.Composite(
+        train_state=ocp.args.StandardSave(train_state),
+        ema_params=ocp.args.StandardSave(state.ema_params),
+        config=ocp.args.JsonSave(config.to_dict())), force=force)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _write_error(manager, e) from e
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+  """Blocks until the pending save is committed; JobError when it failed."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _write_error(manager, e) from e
+
+
+def _reason(e: BaseException) -> str:
+  """The gist of a (possibly chained, TensorStore-wrapped) I/O exception, on one line."""
+  chain = []
+  while e is not None and len(chain) < 8:
+    chain.append(f"{type(e).__name__}: {e}")
+    e = e.__cause__ or e.__context__
+  text = " | ".join(chain)
+  os_error = re.search(r"([^:\"|]+\[os_error_code='?\d+'?\])", text)  # A failed write's errno.
+  if os_error:
+    return os_error.group(1).strip()
+  if 'local file "' in text:  # TensorStore names the file it failed to read last.
+    path, _, rest = text.rsplit('local file "', 1)[1].partition('": ')
+    return path + ": " + re.split(r" \[tensorstore| \| ", rest)[0]
+  return chain[-1].splitlines()[0][:300]
+
+
+def _write_error(manager: ocp.CheckpointManager, e: Exception) -> errors.JobError:
+  steps = sorted(manager.all_steps(read=True))
+  intact = (f"the checkpoints already there (steps {', '.join(map(str, steps))}) are intact and "
+            f"a rerun resumes from step {steps[-1]}" if steps else "no earlier checkpoint exists")
+  return errors.JobError(f"Writing a checkpoint to {manager.directory} failed ({_reason(e)}); "
+                         f"{intact}. Free disk space or fix the path, then rerun.")
 
 
 def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
@@ -101,21 +154,141 @@ def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return config
 
 
+def param_shapes(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple[int, ...]]:
+  """{path: shape} of a checkpoint's EMA parameters, from its metadata (no array is read)."""
+  meta = ocp.StandardCheckpointHandler().metadata(epath.Path(manager.directory) / str(step) /
+                                                  "ema_params")
+  return _shapes(getattr(meta, "item_metadata", meta))
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = json.dumps(value)  # Tuples and the JSON's lists compare equal.
+  return flat
+
+
+def check_compatible(saved_config: ml_collections.ConfigDict,
+                     saved_shapes: dict[str, tuple[int, ...]], job: job_lib.Job,
+                     workdir: str) -> None:
+  """UserError, with the differing config fields and parameters, unless a checkpoint of
+  `saved_config` with `saved_shapes` holds the parameters of `job`'s model."""
+  saved, here = _flatten(saved_config.to_dict()), _flatten(job.config.to_dict())
+  fields = [k for k in sorted(saved.keys() | here.keys())
+            if any(k == f or k.startswith(f + ".") for f in _ARCHITECTURE_FIELDS)
+            and k not in _HOW_COMPUTED and saved.get(k) != here.get(k)]
+  shapes = _shapes(job.abstract_state.ema_params)
+  rows = [(k, saved_shapes.get(k), shapes.get(k)) for k in sorted(saved_shapes.keys() | shapes)
+          if saved_shapes.get(k) != shapes.get(k)]
+  if not fields and not rows:
+    return
+  lines = [f"{workdir} holds checkpoints of another model than this config's:"]
+  lines += [f"  config.{k} = {saved.get(k, '(absent)')} there, {here.get(k, '(absent)')} here"
+            for k in fields]
+  if rows:
+    width = max(len(k) for k, _, _ in rows[:_MAX_ROWS]) + 2
+    lines.append(f"  {'parameter':<{width}}{'checkpoint':<20}this config")
+    lines += [f"  {k:<{width}}{str(a or '(absent)'):<20}{b or '(absent)'}"
+              for k, a, b in rows[:_MAX_ROWS]]
+    if len(rows) > _MAX_ROWS:
+      lines.append(f"  … and {len(rows) - _MAX_ROWS} more of {len(saved_shapes | shapes)}.")
+  lines.append("Use a new --workdir for a different model, or this workdir's config.json.")
+  raise errors.UserError("\n".join(lines))
+
+
+def _on_every_process(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  return bool(multihost_utils.process_allgather(np.array(ok)).all())
+
+
+def _newest_readable(manager: ocp.CheckpointManager, read: Callable[[int], Any], *,
+                     set_aside: bool) -> tuple[int | None, Any]:
+  """(step, read(step)) for the newest step that `read` reads on every process; (None, None).
+
+  A step that does not read (truncated or missing files, bad metadata) is reported by path with
+  the reason, and with `set_aside` moved to <workdir>/checkpoints_damaged/ (never deleted), so
+  that training can write that step again. UserError (another model) is raised at once.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      result, reason = read(step), None
+    except errors.UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      result, reason = None, _reason(e)
+    if _on_every_process(reason is None):
+      return step, result
+    path = epath.Path(manager.directory) / str(step)
+    logging.error("Skipping the checkpoint %s: it cannot be read (%s).", path,
+                  reason or "on another process")
+    if set_aside:
+      _set_aside(manager, path)
+  return None, None
+
+
+def _set_aside(manager: ocp.CheckpointManager, path: epath.Path) -> None:
+  if jax.process_index() == 0:
+    dest = path.parent.parent / "checkpoints_damaged" / f"{path.name}.{int(time.time())}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+      path.rename(dest)
+    except OSError as e:
+      raise errors.JobError(f"Could not move the damaged checkpoint {path} to {dest} ({e}); "
+                            f"move it out of {path.parent} by hand, then rerun.") from e
+    logging.warning("Moved it to %s (nothing was deleted).", dest)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"set aside {path}")
+  manager.reload()
+
+
+def restore_newest(manager: ocp.CheckpointManager, job: job_lib.Job,
+                   workdir: str) -> tuple[int, Any]:
+  """(step, TrainState on job's mesh) of the newest checkpoint that reads whole, or (0, None).
+
+  Damaged steps are reported and set aside (see `_newest_readable`); a checkpoint of another
+  model raises UserError with a table of the differing parameters.
+  """
+  def read(step):
+    check_compatible(restore_config(manager, step), param_shapes(manager, step), job, workdir)
+    return restore_train_state(manager, step, job.abstract_state)
+  step, state = _newest_readable(manager, read, set_aside=True)
+  return step or 0, state
+
+
 def load_ema_params(workdir: str, mesh: jax.sharding.Mesh, step: int | None = None
                     ) -> tuple[job_lib.Job, int, Any]:
   """The job (the checkpoint's config on `mesh`), step and EMA parameters of a workdir.
 
-  `step` defaults to the newest. The parameters are laid out for `mesh`, whatever mesh saved
-  them. Raises FileNotFoundError / ValueError naming what is missing.
+  `step` defaults to the newest that reads (damaged ones are reported and skipped). The
+  parameters are laid out for `mesh`, whatever mesh saved them. Raises UserError naming what is
+  missing.
   """
   manager = create_manager(workdir, read_only=True)
   steps = manager.all_steps()
   if not steps:
-    raise FileNotFoundError(f"No checkpoints in {checkpoint_dir(workdir)}; train first "
-                            "(python -m cfdg_jax.train) or point --workdir at a training run.")
-  step = max(steps) if step is None else step
-  if step not in steps:
-    raise ValueError(f"No checkpoint at step {step} in {checkpoint_dir(workdir)}; "
-                     f"available: {sorted(steps)}.")
-  job = job_lib.create_job(restore_config(manager, step), mesh)
-  return job, step, restore_ema_params(manager, step, job.abstract_state.ema_params)
+    raise errors.UserError(f"No checkpoints in {checkpoint_dir(workdir)}; train first "
+                           "(python -m cfdg_jax.train) or point --workdir at a training run.")
+  if step is not None and step not in steps:
+    raise errors.UserError(f"--step={step}: no such checkpoint in {checkpoint_dir(workdir)}; "
+                           f"available: {sorted(steps)}.")
+
+  def read(s):
+    job = job_lib.create_job(restore_config(manager, s), mesh)
+    return job, restore_ema_params(manager, s, job.abstract_state.ema_params)
+  if step is not None:
+    job, params = read(step)
+    return job, step, params
+  step, result = _newest_readable(manager, read, set_aside=False)
+  if step is None:
+    raise errors.UserError(f"No checkpoint in {checkpoint_dir(workdir)} can be read (see the "
+                           "errors above).")
+  return result[0], step, result[1]

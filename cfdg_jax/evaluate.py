@@ -22,10 +22,10 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from cfdg_jax import guidance
 from cfdg_jax import runtime
 from cfdg_jax import sampling_flags
 from cfdg_jax import specs
+from cfdg_jax import validation
 from cfdg_jax.eval import evaluator
 
 config_flags.DEFINE_config_file(
@@ -52,12 +52,15 @@ def main(argv):
   sampler_spec = sampling_flags.sampler_spec(default_name=None)
   overrides = sampling_flags.guidance_overrides()
   guidance_spec = specs.format_spec("cfg", overrides) if overrides else None
-  if guidance_spec:
-    try:
-      guidance.parse(guidance_spec, guidance.config_section())
-    except ValueError as e:
-      raise app.UsageError(str(e)) from e
+  validation.check_guidance_flags(overrides)
   runtime.initialize()
+  validation.check_workdir(FLAGS.workdir)  # <workdir>/eval is written; with --watch it may wait.
+  if not FLAGS.watch:
+    validation.check_checkpoint(FLAGS.workdir, FLAGS.step, hint=", or pass --watch to wait for "
+                                "them")
+  if overrides.get("guide_workdir"):
+    validation.check_checkpoint(overrides["guide_workdir"], overrides.get("guide_step"),
+                                workdir_flag="--guide_workdir", step_flag="--guide_step")
   evaluator.evaluate_workdir(FLAGS.workdir, FLAGS.config.eval if FLAGS.config else None,
                              step=FLAGS.step, watch=FLAGS.watch, poll_seconds=FLAGS.poll_seconds,
                              sampler_specs=sampler_spec and (sampler_spec,),
@@ -66,4 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  runtime.run(main)

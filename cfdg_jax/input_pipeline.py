@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 
 # Registers the project's own builders (`digits`) with TFDS.
 from cfdg_jax import datasets  # pylint: disable=unused-import
+from cfdg_jax.errors import UserError
 
 _FILE_FORMAT = tfds.core.FileFormat.ARRAY_RECORD
 
@@ -66,14 +67,7 @@ def _prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder
   # ArrayRecord straight away would fail on other files with a message that names no fix.
   builder = tfds.builder(data_config.name, data_dir=data_config.data_dir)
   if builder.is_prepared():
-    if builder.info.file_format != _FILE_FORMAT:
-      raise ValueError(
-          f"{builder.data_dir} holds TFDS data set {data_config.name!r} prepared as"
-          f" {builder.info.file_format.value} files, but the input pipeline reads"
-          f" {_FILE_FORMAT.value} files by index. Delete {builder.data_dir} (it is"
-          " prepared again on the next run) or set config.data.data_dir to another"
-          " directory."
-      )
+    _check_file_format(data_config, builder)
     return builder
   builder = tfds.builder(
       data_config.name, data_dir=data_config.data_dir, file_format=_FILE_FORMAT.value
@@ -95,53 +89,74 @@ def _prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder
   return builder
 
 
+def _check_file_format(
+    data_config: ml_collections.ConfigDict,
+    builder: tfds.core.DatasetBuilder,
+) -> None:
+  if builder.info.file_format != _FILE_FORMAT:
+    raise UserError(
+        f"{builder.data_dir} holds TFDS data set {data_config.name!r} prepared as"
+        f" {builder.info.file_format.value} files, but the input pipeline reads"
+        f" {_FILE_FORMAT.value} files by index. Delete {builder.data_dir} (it is"
+        " prepared again on the next run) or set config.data.data_dir to another"
+        " directory."
+    )
+
+
 def check_data_config(
     data_config: ml_collections.ConfigDict,
     builder: tfds.core.DatasetBuilder,
 ) -> None:
-  """Checks `config.data` against the prepared data set; cheap, call early.
+  """Checks `config.data` against the data set's metadata; cheap, call early.
+
+  The split and the file format are checked only once the data set is
+  prepared: TFDS knows them from then on.
 
   Args:
     data_config: `config.data`.
-    builder: The prepared builder from `get_builder(data_config)`.
+    builder: A builder of `data_config.name`: from `get_builder(data_config)`
+      (prepared) or `tfds.builder` (perhaps not yet).
 
   Raises:
-    ValueError: naming the mismatch and the fix.
+    UserError: naming the mismatch and the fix.
   """
   name = data_config.name
   features = builder.info.features
-  if "image" not in features or "label" not in features:
-    raise ValueError(
-        f"TFDS data set {name!r} has features {sorted(features.keys())}; the"
-        " input pipeline needs an 'image' and a 'label' feature (an image"
-        " classification data set)."
+  if ("image" not in features or "label" not in features
+      or not hasattr(features["label"], "num_classes")):
+    raise UserError(
+        f"config.data.name={name!r}: the TFDS data set has features"
+        f" {sorted(features.keys())}; the input pipeline needs an 'image' and a"
+        " 'label' (ClassLabel) feature: an image classification data set."
     )
   num_classes = features["label"].num_classes
   if data_config.num_classes != num_classes:
-    raise ValueError(
+    raise UserError(
         f"config.data.num_classes={data_config.num_classes} but TFDS data set"
         f" {name!r} has {num_classes} classes: set"
         f" config.data.num_classes={num_classes}."
     )
   channels = features["image"].shape[-1]
   if data_config.channels != channels:
-    raise ValueError(
+    raise UserError(
         f"config.data.channels={data_config.channels} but the images of TFDS"
         f" data set {name!r} have {channels} channel(s): set"
         f" config.data.channels={channels}."
     )
-  try:
-    builder.info.splits[data_config.split]
-  except (KeyError, ValueError) as e:
-    raise ValueError(
-        f"config.data.split={data_config.split!r} does not exist in TFDS data"
-        f" set {name!r} ({e}). Set config.data.split to one of"
-        f" {sorted(builder.info.splits.keys())} or a slice of one, e.g."
-        " 'train[:90%]'."
-    ) from e
+  if builder.is_prepared():
+    _check_file_format(data_config, builder)
+    try:
+      builder.info.splits[data_config.split]
+    except (KeyError, ValueError) as e:
+      raise UserError(
+          f"config.data.split={data_config.split!r} does not exist in TFDS data"
+          f" set {name!r} ({e}). Set config.data.split to one of"
+          f" {sorted(builder.info.splits.keys())} or a slice of one, e.g."
+          " 'train[:90%]'."
+      ) from e
   size = data_config.image_size
   if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-    raise ValueError(
+    raise UserError(
         f"config.data.image_size={size!r} must be a positive int (the side of"
         f" the square images fed to the model); {name!r} stores images of"
         f" shape {features['image'].shape}."

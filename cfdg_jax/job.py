@@ -29,11 +29,13 @@ class TrainState:
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up from 0, then constant (the ADM/CFG recipe)."""
+  """Linear warm-up, then constant (the ADM/CFG recipe).
+
+  Update n = count + 1 uses learning_rate · min(1, n / warmup_steps): the first update is not
+  wasted on a rate of 0, and update warmup_steps is the first at the full rate.
+  """
   o = config.optimizer
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1)),
-       optax.constant_schedule(o.learning_rate)], [o.warmup_steps])
+  return lambda count: o.learning_rate * jnp.minimum(1.0, (count + 1) / max(o.warmup_steps, 1))
 
 
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

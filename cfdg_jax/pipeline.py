@@ -27,6 +27,7 @@ from cfdg_jax import guidance
 from cfdg_jax import samplers
 from cfdg_jax import sharding
 from cfdg_jax import unet
+from cfdg_jax.errors import UserError
 
 _LOG_EVERY_SECS = 30.0
 
@@ -173,12 +174,12 @@ class Pipeline:
     labels = np.asarray(labels)
     n, k = labels.shape[0] if labels.ndim == 1 else 0, self.config.data.num_classes
     if not n or not np.issubdtype(labels.dtype, np.integer) or np.shape(ids) != labels.shape:
-      raise ValueError(f"labels must be a non-empty list of class ids (and ids one per label); "
-                       f"got labels of shape {labels.shape} ({labels.dtype}), ids of shape "
-                       f"{np.shape(ids)}.")
+      raise UserError(f"labels must be a non-empty list of class ids (and ids one per label); "
+                      f"got labels of shape {labels.shape} ({labels.dtype}), ids of shape "
+                      f"{np.shape(ids)}.")
     if bad := sorted(set(labels[(labels < 0) | (labels >= k)].tolist())):
-      raise ValueError(f"labels {bad[:5]} are not class ids of this model: use 0..{k - 1} "
-                       f"({self.config.data.name}).")
+      raise UserError(f"labels {bad[:5]} are not class ids of this model: use 0..{k - 1} "
+                      f"({self.config.data.name}).")
     clip_x = self.config.sample.guidance.clip_x if clip_x is None else clip_x
     sample_fn = self._sample_fn(settings, clip_x, guide)
     rng = jax.random.key(seed) if isinstance(seed, int) else seed

@@ -1,9 +1,21 @@
-"""Process start-up shared by the entry points: multi-process JAX and a quiet TensorFlow."""
+"""Process start-up shared by the entry points: multi-process JAX, a quiet TensorFlow, and
+`run`, which ends a user's mistake in one line instead of a traceback."""
+import functools
+import os
+import re
+import sys
+import traceback
+from typing import Any, Callable
+
 import jax
 import tensorflow as tf
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections.config_flags import config_flags  # is_config_flag, ConfigFileFlagParser
+
+from cfdg_jax import validation
+from cfdg_jax import errors
 
 flags.DEFINE_bool("distributed", False,
                   "Join a multi-process run with jax.distributed.initialize(), the cluster "
@@ -16,6 +28,10 @@ flags.DEFINE_integer("process_id", None, "This process's index (with --coordinat
 
 flags.DEFINE_list("local_device_ids", None, "The accelerators this process drives, e.g. 0,1,2,3 "
                   "(default: JAX's choice: under SLURM one GPU per process, else all).")
+
+flags.DEFINE_bool("traceback", False, "Also print the Python traceback of a user error (a bad "
+                  "config field, flag, path or checkpoint); by default its message alone is the "
+                  "last line. Other errors always print theirs.")
 
 FLAGS = flags.FLAGS
 
@@ -38,3 +54,89 @@ def initialize() -> None:
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+  """`app.run(main)`, but a user's mistake (UserError, app.UsageError, a bad or unknown flag) or a
+  JobError prints `error: <message>` last on stderr and exits with status 1; --traceback prints
+  the traceback before it. Any other exception is a bug and keeps its traceback."""
+  app.run(functools.partial(_run_main, main), flags_parser=_parse_flags)
+
+
+def _run_main(main: Callable[[list[str]], Any], argv: list[str]) -> Any:
+  try:
+    return main(argv)
+  except (errors.UserError, errors.JobError, app.UsageError) as e:
+    _exit_with_error(str(e), FLAGS.traceback)
+
+
+def _exit_with_error(message: str, show_traceback: bool) -> None:
+  if show_traceback:
+    traceback.print_exc()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  sys.stderr.write(f"error: {message}\n")
+  sys.stderr.flush()
+  # Not sys.exit: at exit, Orbax's and asyncio's failed background writes would print their
+  # own tracebacks after the message.
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """FLAGS(argv), with the config flags' mistakes said in one line."""
+  show_traceback = "--traceback" in argv
+  try:
+    for name, path in _config_files(argv).items():
+      if not os.path.isfile(path.split(":", 1)[0]):
+        raise errors.UserError(f"--{name}={path}: no such config file; pass one of configs/*.py.")
+    return FLAGS(argv)
+  except errors.UserError as e:
+    _exit_with_error(str(e), show_traceback)
+  except flags.Error as e:  # A bad value, e.g. --config.batch_size=abc, or a missing flag.
+    _exit_with_error(f"{e}{_field_type(argv, str(e))} (--helpshort lists the flags)",
+                     show_traceback)
+  except (AttributeError, KeyError) as e:
+    # ml_collections' bare AttributeError('name') for an unknown --config.<field>.
+    try:
+      _check_overrides(argv)
+    except errors.UserError as unknown:
+      _exit_with_error(str(unknown), show_traceback)
+    raise e
+
+
+def _config_files(argv: list[str]) -> dict[str, str]:
+  """{config flag name: its file} as given in argv: --config=PATH or --config PATH."""
+  names = [name for name in FLAGS if "." not in name and config_flags.is_config_flag(FLAGS[name])]
+  files = {}
+  for i, arg in enumerate(argv[1:], 1):
+    for name in names:
+      for dashes in ("--", "-"):
+        if arg.startswith(f"{dashes}{name}="):
+          files[name] = arg.split("=", 1)[1]
+        elif arg == f"{dashes}{name}" and i + 1 < len(argv):
+          files[name] = argv[i + 1]
+  return files
+
+
+def _field_type(argv: list[str], message: str) -> str:
+  """'; config.batch_size takes a value of type int, e.g. 64' for a config override's error."""
+  match = re.search(r"--(\w+)\.([\w.]+)=", message)
+  path = _config_files(argv).get(match and match.group(1))
+  if path is None:
+    return ""
+  value = config_flags.ConfigFileFlagParser(match.group(1)).parse(path)
+  for key in match.group(2).split("."):
+    value = value.get(key) if hasattr(value, "get") else None
+  return "" if value is None else (f"; {match.group(1)}.{match.group(2)} takes a value of "
+                                   f"type {type(value).__name__}, e.g. {value!r}")
+
+
+def _check_overrides(argv: list[str]) -> None:
+  """UserError for the first --<config flag>.<field> of argv that names no field."""
+  for name, path in _config_files(argv).items():
+    config = config_flags.ConfigFileFlagParser(name, lock_config=False).parse(path)
+    for arg in argv[1:]:
+      for dashes in ("--", "-"):
+        if arg.startswith(f"{dashes}{name}."):
+          validation.check_override(config, arg[len(dashes) + len(name) + 1:].split("=", 1)[0],
+                                    name)

@@ -23,6 +23,7 @@ from cfdg_jax import images
 from cfdg_jax import pipeline
 from cfdg_jax import runtime
 from cfdg_jax import sampling_flags
+from cfdg_jax import validation
 
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
@@ -55,7 +56,13 @@ def main(argv):
   if FLAGS.batch_size is not None and FLAGS.batch_size < 1:
     raise app.UsageError("--batch_size must be at least 1.")
   overrides = sampling_flags.guidance_overrides()
+  validation.check_guidance_flags(overrides)
   runtime.initialize()
+  # Before anything is restored or compiled.
+  validation.check_checkpoint(FLAGS.workdir, FLAGS.step)
+  if overrides.get("guide_workdir"):
+    validation.check_checkpoint(overrides["guide_workdir"], overrides.get("guide_step"),
+                                workdir_flag="--guide_workdir", step_flag="--guide_step")
   try:
     pipe = pipeline.load(FLAGS.workdir, FLAGS.step, mesh=sampling_flags.mesh())
     config = pipe.config
@@ -94,4 +101,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  runtime.run(main)

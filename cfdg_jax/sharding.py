@@ -12,6 +12,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cfdg_jax.errors import UserError
+
 DATA_AXIS, FSDP_AXIS = "data", "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # The batch is split over the whole mesh.
 
@@ -21,20 +23,20 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
   sizes = {axis: mesh_config[axis] for axis in (DATA_AXIS, FSDP_AXIS)}
   for axis, size in sizes.items():
     if not (size == -1 or size >= 1):
-      raise ValueError(f"config.mesh.{axis}={size}: use a positive axis size, or -1 for all "
-                       "devices the other axis leaves.")
+      raise UserError(f"config.mesh.{axis}={size}: use a positive axis size, or -1 for all "
+                      "devices the other axis leaves.")
   free = [axis for axis, size in sizes.items() if size == -1]
   if len(free) > 1:
-    raise ValueError("config.mesh.data and config.mesh.fsdp are both -1: set one of them "
-                     "(e.g. --config.mesh.fsdp=1).")
+    raise UserError("config.mesh.data and config.mesh.fsdp are both -1: set one of them "
+                    "(e.g. --config.mesh.fsdp=1).")
   fixed = int(np.prod([size for size in sizes.values() if size != -1]))
   if free:
     if num_devices % fixed:
-      raise ValueError(f"config.mesh: {dict(sizes)} needs a device count divisible by {fixed}, "
-                       f"but there are {num_devices} devices.")
+      raise UserError(f"config.mesh: {dict(sizes)} needs a device count divisible by {fixed}, "
+                      f"but there are {num_devices} devices.")
     sizes[free[0]] = num_devices // fixed
   if sizes[DATA_AXIS] * sizes[FSDP_AXIS] != num_devices:
-    raise ValueError(
+    raise UserError(
         f"config.mesh: data={sizes[DATA_AXIS]} × fsdp={sizes[FSDP_AXIS]} = "
         f"{sizes[DATA_AXIS] * sizes[FSDP_AXIS]} devices, but there are {num_devices}; set one "
         "axis to -1 (all remaining devices) or make the product the device count.")

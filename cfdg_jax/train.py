@@ -3,7 +3,8 @@
   python -m cfdg_jax.train --config configs/digits.py --workdir /tmp/cfdg_digits
 
 Any config field can be overridden, e.g. --config.num_train_steps=10000. Re-running with the same
---workdir resumes from its newest checkpoint (and exits at once if training is complete).
+--workdir resumes from its newest checkpoint (and exits at once if training is complete). A bad
+config, flag or workdir stops it at once with one line, `error: ...` (--traceback for more).
 """
 from absl import app
 from absl import flags
@@ -27,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  runtime.run(main)

@@ -74,6 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every = 500
   config.checkpoint_every = 10_000
   config.keep_checkpoints = 3
+  config.max_nonfinite_steps = 0  # Non-finite losses skipped (update dropped) before a stop.
   config.sample_every = 50_000
 
   # T: the CFG paper's choice of 128/256/1024 (Section 4.3); v: its 64x64 value (Section 4.1),

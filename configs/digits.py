@@ -59,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every = 100
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3
+  config.max_nonfinite_steps = 0  # Non-finite losses skipped (update dropped) before a stop.
   config.sample_every = 1500
 
   config.sample = common["sample_config"](num_steps=128, v=0.3)  # The paper's T and v.

@@ -82,6 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every = 500
   config.checkpoint_every = 10_000
   config.keep_checkpoints = 3
+  config.max_nonfinite_steps = 0  # Non-finite losses skipped (update dropped) before a stop.
   config.sample_every = 50_000
 
   # The paper states T only for its 128x128 model (Section 4.3: 256 balances quality and speed);

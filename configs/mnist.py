@@ -81,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every = 100
   config.checkpoint_every = 5000
   config.keep_checkpoints = 3
+  config.max_nonfinite_steps = 0  # Non-finite losses skipped (update dropped) before a stop.
   config.sample_every = 10_000
 
   # T: the cheapest of the CFG paper's 128/256/1024 (Section 4.3); v: its 64x64 value (4.1).

@@ -8,7 +8,10 @@ Each process runs `python -m <module> <flags> --coordinator_address=localhost:PO
 job sees N×M devices, exactly the code paths of a pod (jax.distributed, per-process data,
 collectives, checkpoints). Process 0's output is streamed as it is, the others' prefixed with
 "[i] ". If any process fails, the others are stopped (SIGTERM, then SIGKILL) and the launcher
-exits with the failing process's code; Ctrl-C stops them all. No process is left behind.
+exits with the failing process's code. SIGTERM or Ctrl-C to the launcher is passed on to every
+process, as a pod's preemption notice reaches every host: training saves a checkpoint at a step
+the processes agree on and exits 0 (a second Ctrl-C, or --grace_seconds, kills them). No process
+is left behind.
 """
 import argparse
 import os
@@ -21,11 +24,12 @@ import sys
 import time
 
 _GRACE_SECONDS = 5.0  # Between SIGTERM and SIGKILL: a process stuck in a collective ignores TERM.
+_signals = []  # Signals the launcher received (SIGTERM, SIGINT), handled by run()'s loop.
 
 
-def _interrupt(signum, frame):
-  del signum, frame
-  raise KeyboardInterrupt
+def _record(signum, frame):
+  del frame
+  _signals.append(signum)
 
 
 def free_port() -> int:
@@ -43,22 +47,28 @@ def process_env(devices_per_process: int) -> dict[str, str]:
   return env
 
 
-def stop(processes: list[subprocess.Popen]) -> None:
-  """TERM, then KILL after a grace period, each process's whole group (its children too)."""
-  for sig in (signal.SIGTERM, signal.SIGKILL):
-    alive = [p for p in processes if p.poll() is None]
-    for p in alive:
+def _signal_all(processes: list[subprocess.Popen], sig: int) -> None:
+  """Sends `sig` to each running process's whole group (its children too)."""
+  for p in processes:
+    if p.poll() is None:
       try:
         os.killpg(p.pid, sig)
       except ProcessLookupError:
         pass
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+  """TERM, then KILL after a grace period, every process still running."""
+  for sig in (signal.SIGTERM, signal.SIGKILL):
+    alive = [p for p in processes if p.poll() is None]
+    _signal_all(alive, sig)
     deadline = time.monotonic() + _GRACE_SECONDS
     while any(p.poll() is None for p in alive) and time.monotonic() < deadline:
       time.sleep(0.05)
 
 
 def run(module: str, flags: list[str], num_processes: int, devices_per_process: int,
-        port: int) -> int:
+        port: int, grace_seconds: float = 300.0) -> int:
   """Starts the processes, streams their output; returns 0 or the first failure's exit code."""
   env = process_env(devices_per_process)
   processes = []
@@ -75,9 +85,23 @@ def run(module: str, flags: list[str], num_processes: int, devices_per_process: 
     os.set_blocking(p.stdout.fileno(), False)
     selector.register(p.stdout, selectors.EVENT_READ, i)
   pending = {i: b"" for i in range(num_processes)}
-  status = 0
+  status, deadline, forwarded = 0, None, 0
   try:
     while selector.get_map():
+      if len(_signals) > forwarded:  # The first signal asks them to stop; a second insists.
+        forwarded = len(_signals)
+        if deadline is None:
+          print(f"launch/local.py: signal {_signals[0]}; passing SIGTERM on to every process "
+                f"(they get {grace_seconds:g} s to save and exit).", file=sys.stderr, flush=True)
+          _signal_all(processes, signal.SIGTERM)
+          deadline = time.monotonic() + grace_seconds
+        else:
+          deadline = time.monotonic()
+      if deadline is not None and time.monotonic() >= deadline:
+        status = 128 + signal.SIGTERM
+        print("launch/local.py: killing the processes still running.", file=sys.stderr,
+              flush=True)
+        break
       for key, _ in selector.select(timeout=0.2):
         i = key.data
         chunk = key.fileobj.read()
@@ -96,8 +120,6 @@ def run(module: str, flags: list[str], num_processes: int, devices_per_process: 
         print(f"launch/local.py: process {failed[0][0]} exited with {failed[0][1]}; stopping "
               "the others.", file=sys.stderr, flush=True)
         break
-  except KeyboardInterrupt:
-    status = 130
   finally:
     stop(processes)
   codes = [p.wait() for p in processes]
@@ -116,6 +138,9 @@ def main() -> int:
   parser.add_argument("--devices_per_process", type=int, default=1)
   parser.add_argument("--port", type=int, default=None,
                       help="coordinator port on localhost (default: a free one)")
+  parser.add_argument("--grace_seconds", type=float, default=300.0,
+                      help="after a SIGTERM or Ctrl-C, how long the processes get to save a "
+                      "checkpoint and exit before they are killed")
   parser.add_argument("command", nargs=argparse.REMAINDER,
                       help="the module to run (e.g. cfdg_jax.train) and its flags")
   args = parser.parse_args()
@@ -126,9 +151,10 @@ def main() -> int:
     if getattr(args, name) < 1:
       parser.error(f"--{name}={getattr(args, name)}: use a positive integer.")
   # Ctrl-C and TERM reach the launcher alone (the processes have their own sessions).
-  signal.signal(signal.SIGTERM, _interrupt)
+  signal.signal(signal.SIGTERM, _record)
+  signal.signal(signal.SIGINT, _record)
   return run(command[0], command[1:], args.num_processes, args.devices_per_process,
-             args.port or free_port())
+             args.port or free_port(), args.grace_seconds)
 
 
 if __name__ == "__main__":

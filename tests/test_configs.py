@@ -1,4 +1,4 @@
-"""Every experiment config passes the trainer's and the evaluator's checks and builds its UNet."""
+"""Every experiment config passes the training and evaluation checks and builds its UNet."""
 import functools
 import pathlib
 import runpy
@@ -6,8 +6,8 @@ import runpy
 import jax
 import pytest
 
-from cfdg_jax import trainer
 from cfdg_jax import unet
+from cfdg_jax import validation
 from cfdg_jax.eval import plan
 
 # Every experiment config; common.py holds the sections they share.
@@ -21,7 +21,7 @@ EXPECTED_PARAMS_M = {"digits": 1.082, "mnist": 6.950, "fashion_mnist": 6.950, "m
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_is_valid(path):
   config = runpy.run_path(str(path))["get_config"]()
-  trainer.check_config(config)
+  validation.check_config(config)
   with config.unlocked():
     config.eval.classifier_dir = "dir"  # Left to the user: a network to measure with.
   plan.check_eval_config(config.eval, jax.device_count(), config.sample)

@@ -428,7 +428,9 @@ def _run_cli(*args):
 def test_command_line(watched_run, tmp_path):
   unknown = _run_cli("--workdir", str(tmp_path), "--config", "configs/digits.py",
                      "--config.eval.guidence=1")
-  assert unknown.returncode != 0 and 'Did you mean "guidance"' in unknown.stderr
+  assert unknown.returncode == 1 and unknown.stderr.splitlines()[-1].startswith(
+      "error: --config.eval.guidence: the config has no field 'eval.guidence'; did you mean "
+      "--config.eval.guidance"), unknown.stderr[-2000:]
   bad_step = _run_cli("--workdir", str(tmp_path), "--step", "0")
   assert bad_step.returncode != 0 and "--step=0: checkpoint steps are positive" in bad_step.stderr
   no_sampler = _run_cli("--workdir", str(tmp_path), "--steps", "4")

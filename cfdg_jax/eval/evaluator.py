@@ -42,6 +42,7 @@ from cfdg_jax import checkpointing
 from cfdg_jax import input_pipeline
 from cfdg_jax import pipeline
 from cfdg_jax import sharding
+from cfdg_jax.errors import UserError
 from cfdg_jax.eval import networks as networks_lib
 from cfdg_jax.eval import plan
 from cfdg_jax.eval import plots
@@ -196,7 +197,7 @@ class Evaluator:
             "(python -m cfdg_jax.train), check --workdir, or pass --watch to wait for them.")
       if action == _NO_SUCH_STEP:
         self.manager.reload()
-        raise ValueError(
+        raise UserError(
             f"No checkpoint at step {step} in {checkpointing.checkpoint_dir(self.workdir)}; "
             f"available: {sorted(self.manager.all_steps())}. "
             + ("It lies beyond num_train_steps, or was not saved (checkpoint_every) or was "

@@ -17,6 +17,7 @@ import numpy as np
 from cfdg_jax import checkpointing
 from cfdg_jax import guidance
 from cfdg_jax import samplers
+from cfdg_jax.errors import UserError
 
 EVAL_FIELDS = ("w", "samplers", "guidance", "step_sweep", "step_sweep_w", "labels",
                "num_samples", "batch_size", "seed", "inception_weights", "classifier_dir",
@@ -38,9 +39,9 @@ def get_eval_config(config: ml_collections.ConfigDict | None,
   if override is not None:
     return ml_collections.ConfigDict(override.to_dict())
   if "eval" not in config:
-    raise ValueError("This checkpoint's config has no `eval` section (it predates the evaluator): "
-                     "pass the experiment's config file, e.g. --config configs/digits.py, whose "
-                     "eval section is then used.")
+    raise UserError("This checkpoint's config has no `eval` section (it predates the evaluator): "
+                    "pass the experiment's config file, e.g. --config configs/digits.py, whose "
+                    "eval section is then used.")
   return ml_collections.ConfigDict(config.eval.to_dict())
 
 
@@ -52,38 +53,38 @@ def check_eval_config(eval_config: ml_collections.ConfigDict, device_count: int,
   """
   fields = set(eval_config.keys())
   if unknown := sorted(fields - set(EVAL_FIELDS)):
-    raise ValueError(f"Unknown config.eval field(s) {unknown}; the fields are {list(EVAL_FIELDS)}.")
+    raise UserError(f"Unknown config.eval field(s) {unknown}; the fields are {list(EVAL_FIELDS)}.")
   if missing := sorted(set(EVAL_FIELDS) - fields):
-    raise ValueError(f"config.eval lacks {missing}: pass the experiment's config file (e.g. "
-                     "--config configs/digits.py), which defines every eval field.")
+    raise UserError(f"config.eval lacks {missing}: pass the experiment's config file (e.g. "
+                    "--config configs/digits.py), which defines every eval field.")
   e = eval_config
   if not e.inception_weights and not e.classifier_dir:
-    raise ValueError("config.eval.inception_weights and config.eval.classifier_dir are both unset, "
-                     "so there is nothing to measure: set at least one, e.g. --config "
-                     "configs/digits.py --config.eval.classifier_dir=DIR (configs/digits.py says "
-                     "how to train that classifier).")
+    raise UserError("config.eval.inception_weights and config.eval.classifier_dir are both unset, "
+                    "so there is nothing to measure: set at least one, e.g. --config "
+                    "configs/digits.py --config.eval.classifier_dir=DIR (configs/digits.py says "
+                    "how to train that classifier).")
   for name, example in (("w", "(0.0, 1.0)"), ("samplers", "('ancestral',)"),
                         ("guidance", "('cfg',)")):
     if not e[name]:
-      raise ValueError(f"config.eval.{name} is empty; give at least one, e.g. {example}.")
+      raise UserError(f"config.eval.{name} is empty; give at least one, e.g. {example}.")
   for name in ("w", "step_sweep_w"):
     if not all(isinstance(w, (int, float)) and np.isfinite(w) for w in e[name]):
-      raise ValueError(f"config.eval.{name}={e[name]} must hold finite numbers.")
+      raise UserError(f"config.eval.{name}={e[name]} must hold finite numbers.")
   if not all(isinstance(t, int) and t >= 1 for t in e.step_sweep):
-    raise ValueError(f"config.eval.step_sweep={e.step_sweep} must hold integers >= 1 (sampler "
-                     "num_steps).")
+    raise UserError(f"config.eval.step_sweep={e.step_sweep} must hold integers >= 1 (sampler "
+                    "num_steps).")
   if e.labels not in LABELS:
-    raise ValueError(f"config.eval.labels={e.labels!r}; use one of {LABELS}.")
+    raise UserError(f"config.eval.labels={e.labels!r}; use one of {LABELS}.")
   if e.precision_recall_k < 1:
-    raise ValueError(f"config.eval.precision_recall_k={e.precision_recall_k} must be >= 1 (3 as "
-                     "Kynkäänniemi et al.).")
+    raise UserError(f"config.eval.precision_recall_k={e.precision_recall_k} must be >= 1 (3 as "
+                    "Kynkäänniemi et al.).")
   least = max(IS_SPLITS, e.precision_recall_k + 1)
   if e.num_samples < least:
-    raise ValueError(f"config.eval.num_samples={e.num_samples}: the Inception Score's "
-                     f"{IS_SPLITS} splits and k-NN precision/recall need at least {least}.")
+    raise UserError(f"config.eval.num_samples={e.num_samples}: the Inception Score's "
+                    f"{IS_SPLITS} splits and k-NN precision/recall need at least {least}.")
   if e.batch_size < 1 or e.batch_size % device_count:
-    raise ValueError(f"config.eval.batch_size={e.batch_size} must be a positive multiple of the "
-                     f"{device_count} devices it is split over.")
+    raise UserError(f"config.eval.batch_size={e.batch_size} must be a positive multiple of the "
+                    f"{device_count} devices it is split over.")
   plan_points(e, sample_config)
 
 
@@ -104,7 +105,7 @@ def plan_points(eval_config: ml_collections.ConfigDict,
     try:
       return parser(spec, base)
     except ValueError as e:
-      raise ValueError(f"config.eval.{name}[{index}]={spec!r}: {e}") from e
+      raise UserError(f"config.eval.{name}[{index}]={spec!r}: {e}") from e
 
   settings = [parse("samplers", i, s, samplers.parse, sample_config.sampler)
               for i, s in enumerate(eval_config.samplers)]

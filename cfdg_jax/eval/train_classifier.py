@@ -17,6 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cfdg_jax import runtime
+from cfdg_jax import validation
 from cfdg_jax.eval import classifier
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py); only "
@@ -34,7 +35,12 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  for name in ("num_steps", "batch_size", "width"):
+    if FLAGS[name].value is not None and FLAGS[name].value < 1:
+      raise app.UsageError(f"--{name}={FLAGS[name].value} must be at least 1.")
   runtime.initialize()
+  validation.check_data(FLAGS.config.data)  # Before any data loading or compilation.
+  validation.check_workdir(FLAGS.out_dir, "--out_dir")
   data_config = FLAGS.config.data
   num_steps = FLAGS.num_steps
   if num_steps is None:
@@ -48,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  runtime.run(main)

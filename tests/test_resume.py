@@ -1,0 +1,215 @@
+"""Preemption and resume: runs killed with SIGKILL and SIGTERM (1 and 2 processes) end bitwise where
+an uninterrupted run ends; damaged checkpoints, a diverging run and a failed write lose nothing."""
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cfdg_jax import checkpointing
+from cfdg_jax import errors
+from cfdg_jax import trainer
+from test_pods import LAUNCHER, REPO, launch, one_device_mesh, restore, tiny_flags
+from test_train import tiny_config
+
+STEPS = 30  # Enough steps after each signal that a run cannot finish before the signal lands.
+
+
+def train_flags(tmp_path, workdir):
+  return [*tiny_flags(tmp_path, workdir, steps=STEPS), "--config.checkpoint_every=5"]
+
+
+class Run:
+  """A process whose output is collected line by line while it runs."""
+
+  def __init__(self, command):
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+    self.lines = []
+    threading.Thread(target=self._read, daemon=True).start()
+
+  def _read(self):
+    for line in self.process.stdout:
+      self.lines.append(line)
+
+  def wait_for_step(self, step, checkpoint=None, timeout=600):
+    """Blocks until process 0 has logged the loss of `step` or later (and, if given, the
+    checkpoint directory `checkpoint` exists: that step is committed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+      logged = [int(s) for s in re.findall(r"^(?!\[\d+\] ).*\] \[(\d+)\] .*\bloss=",
+                                           "".join(self.lines), re.M)]
+      if logged and max(logged) >= step and (checkpoint is None or checkpoint.is_dir()):
+        return
+      assert self.process.poll() is None, "".join(self.lines)[-4000:]
+      time.sleep(0.01)
+    raise TimeoutError("".join(self.lines)[-4000:])
+
+  def finish(self, timeout=600):
+    self.process.wait(timeout)
+    time.sleep(0.1)  # The reader thread drains the pipe.
+    return self.process.returncode, "".join(self.lines)
+
+
+def checkpoint_steps(workdir):
+  return sorted(checkpointing.create_manager(str(workdir), read_only=True).all_steps())
+
+
+def preempt(command, workdir):
+  """Runs `command` (a training run), sends it SIGTERM after step 16; returns the step it saved."""
+  run = Run(command)
+  run.wait_for_step(16)
+  run.process.send_signal(signal.SIGTERM)
+  code, output = run.finish()
+  assert code == 0, output[-4000:]
+  preempted = int(re.search(r"Preempted: the checkpoint of step (\d+) is committed", output)[1])
+  assert 16 <= preempted < STEPS and preempted in checkpoint_steps(workdir)
+  return preempted
+
+
+def assert_bitwise_equal(workdir_a, workdir_b, step):
+  """Parameters, EMA, optimizer state and step of two runs' checkpoints are identical."""
+  a = jax.device_get(restore(workdir_a, step, one_device_mesh()))
+  b = jax.device_get(restore(workdir_b, step, one_device_mesh()))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.mark.slow
+def test_one_process_resumes_bitwise_after_sigkill_and_sigterm(tmp_path):
+  train = [sys.executable, "-m", "cfdg_jax.train"]
+  reference, workdir = tmp_path / "uninterrupted", tmp_path / "interrupted"
+  code, output = Run([*train, *train_flags(tmp_path, reference)]).finish()
+  assert code == 0, output[-4000:]
+
+  run = Run([*train, *train_flags(tmp_path, workdir)])
+  run.wait_for_step(8, checkpoint=workdir / "checkpoints" / "5")
+  run.process.send_signal(signal.SIGKILL)  # Between checkpoints: after 5, before step 30's.
+  code, output = run.finish()
+  assert code == -signal.SIGKILL and max(checkpoint_steps(workdir)) < STEPS, output[-4000:]
+
+  preempted = preempt([*train, *train_flags(tmp_path, workdir)], workdir)
+
+  code, output = Run([*train, *train_flags(tmp_path, workdir)]).finish()
+  assert code == 0 and f"Resuming from step {preempted}" in output, output[-4000:]
+  assert_bitwise_equal(reference, workdir, STEPS)
+
+
+@pytest.mark.slow
+def test_two_processes_resume_bitwise_after_sigkill_and_sigterm(tmp_path):
+  launcher = [sys.executable, LAUNCHER, "--num_processes=2", "--devices_per_process=1", "--",
+              "cfdg_jax.train"]
+  reference, workdir = tmp_path / "uninterrupted", tmp_path / "interrupted"
+  launch(2, 1, *train_flags(tmp_path, reference))
+
+  # One host lost: process 1 killed; the launcher stops process 0 and fails.
+  run = Run([*launcher, *train_flags(tmp_path, workdir)])
+  run.wait_for_step(8, checkpoint=workdir / "checkpoints" / "5")
+  pids = [int(p) for p in re.search(r"pids \[(\d+), (\d+)\]", "".join(run.lines)).groups()]
+  os.kill(pids[1], signal.SIGKILL)
+  code, output = run.finish()
+  assert code != 0 and max(checkpoint_steps(workdir)) < STEPS, output[-4000:]
+  for pid in pids:  # No process is left running.
+    with pytest.raises(ProcessLookupError):
+      os.kill(pid, 0)
+
+  # A pod's preemption notice: SIGTERM to the launcher reaches both processes.
+  preempted = preempt([*launcher, *train_flags(tmp_path, workdir)], workdir)
+
+  output = launch(2, 1, *train_flags(tmp_path, workdir))
+  assert f"Resuming from step {preempted}" in output
+  assert_bitwise_equal(reference, workdir, STEPS)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A workdir with the checkpoints of steps 3 and 6 of a tiny run (copy it before changing it)."""
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  trainer.train_and_evaluate(tiny_config(data_dir), str(workdir))
+  return data_dir, workdir
+
+
+def snapshot(directory):
+  """{path: (size, mtime)} of every file under `directory`."""
+  return {str(p): (p.stat().st_size, p.stat().st_mtime_ns)
+          for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_truncated_checkpoint_is_reported_set_aside_and_skipped(trained, tmp_path, caplog):
+  caplog.set_level(logging.INFO)
+  data_dir, source = trained
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  for f in (workdir / "checkpoints" / "6" / "train_state").glob("ocdbt.process_0/d/*"):
+    os.truncate(f, f.stat().st_size // 2)  # The arrays' data files, as an interrupted copy.
+  damaged = snapshot(workdir / "checkpoints" / "6")
+
+  state = trainer.train_and_evaluate(tiny_config(data_dir, num_train_steps=7), str(workdir))
+  assert int(state.step) == 7
+  log = caplog.text
+  assert re.search(r"Skipping the checkpoint \S+/checkpoints/6: it cannot be read \(\S+/"
+                   r"checkpoints/6/train_state/\S*: ", log), log
+  assert "Resuming from step 3" in log
+  # Moved, not deleted: the same files, byte for byte, under checkpoints_damaged/.
+  [moved] = (workdir / "checkpoints_damaged").iterdir()
+  assert moved.name.startswith("6.")
+  assert [(os.path.relpath(p, moved), s) for p, (s, _) in snapshot(moved).items()] == [
+      (os.path.relpath(p, workdir / "checkpoints" / "6"), s) for p, (s, _) in damaged.items()]
+  assert checkpoint_steps(workdir) == [3, 6, 7]
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_without_saving_and_reruns_from_the_last_good_step(
+    trained, tmp_path):
+  data_dir, source = trained
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  before = snapshot(workdir / "checkpoints")
+  # Step 7 takes a huge step; step 8's loss is not finite: the run stops before saving step 9.
+  diverging = tiny_config(data_dir, num_train_steps=12, **{"optimizer.learning_rate": 1e30})
+  with pytest.raises(errors.JobError, match=r"Step 8: the loss is .*training diverged\. "
+                     r"Stopped without saving; the newest checkpoint \(step 6\) is intact"):
+    trainer.train_and_evaluate(diverging, str(workdir))
+  assert snapshot(workdir / "checkpoints") == before
+
+  # Allowed to skip them, the run goes on; no non-finite value reaches its checkpoints.
+  skipping = tiny_config(data_dir, num_train_steps=9, checkpoint_every=3, max_nonfinite_steps=3,
+                         **{"optimizer.learning_rate": 1e30})
+  state = trainer.train_and_evaluate(skipping, str(workdir))
+  assert int(state.step) == 9
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+
+
+@pytest.mark.slow
+def test_a_failed_write_is_reported_and_earlier_checkpoints_stay_intact(trained, tmp_path):
+  data_dir, source = trained
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  before = snapshot(workdir / "checkpoints")
+
+  flags = [*(f for f in tiny_flags(tmp_path, workdir, steps=9) if "data_dir" not in f),
+           f"--config.data.data_dir={data_dir}", "--config.checkpoint_every=3"]
+  # Files may not grow beyond 200 kB: a bigger write fails (EFBIG), as on a full disk.
+  small_disk = f"ulimit -f 200; trap '' XFSZ; exec {shlex.quote(sys.executable)} \"$@\""
+  result = subprocess.run(["bash", "-c", small_disk, "bash", "-m", "cfdg_jax.train", *flags],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert result.returncode == 1, result.stderr[-4000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert re.fullmatch(
+      r"error: Writing a checkpoint to \S+/checkpoints failed \(File too large "
+      r"\[os_error_code='?27'?\]\); the checkpoints already there \(steps 3, 6\) are intact "
+      r"and a rerun resumes from step 6\. Free disk space or fix the path, then rerun\.", last), last
+  assert snapshot(workdir / "checkpoints") | before == snapshot(workdir / "checkpoints")
+  assert checkpoint_steps(workdir) == [3, 6]
