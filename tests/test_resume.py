@@ -17,6 +17,7 @@ import pytest
 
 from cfdg_jax import checkpointing
 from cfdg_jax import errors
+from cfdg_jax import job as job_lib
 from cfdg_jax import trainer
 from test_pods import LAUNCHER, REPO, launch, one_device_mesh, restore, tiny_flags
 from test_train import tiny_config
@@ -154,6 +155,10 @@ def test_a_truncated_checkpoint_is_reported_set_aside_and_skipped(trained, tmp_p
   for f in (workdir / "checkpoints" / "6" / "train_state").glob("ocdbt.process_0/d/*"):
     os.truncate(f, f.stat().st_size // 2)  # The arrays' data files, as an interrupted copy.
   damaged = snapshot(workdir / "checkpoints" / "6")
+  # What a save killed half-way leaves: never taken for a step, and no obstacle to saving it.
+  half_written = workdir / "checkpoints" / "7.orbax-checkpoint-tmp"
+  shutil.copytree(workdir / "checkpoints" / "3", half_written)
+  os.truncate(next(half_written.rglob("manifest.ocdbt")), 10)
 
   state = trainer.train_and_evaluate(tiny_config(data_dir, num_train_steps=7), str(workdir))
   assert int(state.step) == 7
@@ -213,3 +218,26 @@ def test_a_failed_write_is_reported_and_earlier_checkpoints_stay_intact(trained,
       r"and a rerun resumes from step 6\. Free disk space or fix the path, then rerun\.", last), last
   assert snapshot(workdir / "checkpoints") | before == snapshot(workdir / "checkpoints")
   assert checkpoint_steps(workdir) == [3, 6]
+
+
+@pytest.mark.parametrize("overrides, row", [
+    ({"data.num_classes": 12}, r"label_embed/embedding\s+\(11, 64\)\s+\(13, 64\)"),
+    ({"data.channels": 3}, r"conv_in/kernel\s+\(3, 3, 1, 16\)\s+\(3, 3, 3, 16\)"),
+    ({"model.base_channels": 32}, r"conv_in/bias\s+\(16,\)\s+\(32,\)(.|\n)*… and \d+ more"),
+    ({"model.attn_resolutions": (8,)}, r"down1_attn0/norm/bias\s+\(32,\)\s+\(absent\)"),
+    # The same parameters, but trained on other images: refused by the config field alone.
+    ({"data.image_size": 16, "model.attn_resolutions": (8,)}, None)])
+def test_a_checkpoint_of_another_model_is_refused_with_a_table(trained, overrides, row):
+  data_dir, workdir = trained
+  manager = checkpointing.create_manager(str(workdir), read_only=True)
+  saved_config = checkpointing.restore_config(manager, 6)
+  saved_shapes = checkpointing.param_shapes(manager, 6)
+  job = job_lib.create_job(tiny_config(data_dir, **overrides), one_device_mesh())
+  with pytest.raises(errors.UserError) as refused:
+    checkpointing.check_compatible(saved_config, saved_shapes, job, str(workdir))
+  message = str(refused.value)
+  for field in overrides:
+    assert re.search(rf"config\.{field} = \S.* there, \S.* here", message), message
+  assert (re.search(row, message) if row else "parameter" not in message), message
+  same = job_lib.create_job(tiny_config(data_dir), one_device_mesh())
+  checkpointing.check_compatible(saved_config, saved_shapes, same, str(workdir))
