@@ -14,6 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 
 from cfdg_jax import checkpointing
 from cfdg_jax import errors
@@ -149,6 +150,8 @@ def snapshot(directory):
 @pytest.mark.slow
 def test_a_truncated_checkpoint_is_reported_set_aside_and_skipped(trained, tmp_path, caplog):
   caplog.set_level(logging.INFO)
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.INFO)  # Whatever an earlier test left it at.
   data_dir, source = trained
   workdir = tmp_path / "run"
   shutil.copytree(source, workdir)
@@ -160,7 +163,10 @@ def test_a_truncated_checkpoint_is_reported_set_aside_and_skipped(trained, tmp_p
   shutil.copytree(workdir / "checkpoints" / "3", half_written)
   os.truncate(next(half_written.rglob("manifest.ocdbt")), 10)
 
-  state = trainer.train_and_evaluate(tiny_config(data_dir, num_train_steps=7), str(workdir))
+  try:
+    state = trainer.train_and_evaluate(tiny_config(data_dir, num_train_steps=7), str(workdir))
+  finally:
+    absl_logging.set_verbosity(verbosity)
   assert int(state.step) == 7
   log = caplog.text
   assert re.search(r"Skipping the checkpoint \S+/checkpoints/6: it cannot be read \(\S+/"
