@@ -34,3 +34,29 @@ def test_xla_host_devices_rejects_counts_that_do_not_divide_the_batch():
       [sys.executable, str(REPO / "bench" / "xla_host_devices.py"), "--device_counts", "1,3",
        "--sample_batch", "4"], capture_output=True, text=True, timeout=60)
   assert result.returncode == 2 and "must be positive and divide" in result.stderr
+
+
+def test_peak_reports_each_shape_and_the_best_of_each_kind(tmp_path):
+  out = tmp_path / "peak.json"
+  result = subprocess.run(
+      [sys.executable, str(REPO / "bench" / "peak.py"), "--scale", "0.02", "--batch", "1",
+       "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert json.loads(result.stdout) == report
+  assert {"device", "platform", "local_devices"} <= report.keys()
+  for kind in ("matmul", "conv3x3"):
+    rows = [r for r in report["results"] if r["kind"] == kind]
+    assert len(rows) == 3 and all(r["flops_per_s"] == pytest.approx(r["flops"] / r["median_s"])
+                                  for r in rows)
+    assert report["peak"][f"{kind}_float32"] == max(r["flops_per_s"] for r in rows)
+  d = report["local_devices"]
+  for r in report["results"]:  # 2 FLOPs per multiply-add, over every device's share.
+    if r["kind"] == "matmul":
+      rows, k, n = r["shape"]
+      assert r["flops"] == 2 * rows * d * k * n
+    else:
+      b, h, w, c = r["shape"]
+      assert r["flops"] == 2 * b * d * h * w * c * c * 9
+  assert report["conv_vs_matmul"]["float32"] == pytest.approx(
+      report["peak"]["conv3x3_float32"] / report["peak"]["matmul_float32"])
