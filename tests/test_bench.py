@@ -60,3 +60,27 @@ def test_peak_reports_each_shape_and_the_best_of_each_kind(tmp_path):
       assert r["flops"] == 2 * b * d * h * w * c * c * 9
   assert report["conv_vs_matmul"]["float32"] == pytest.approx(
       report["peak"]["conv3x3_float32"] / report["peak"]["matmul_float32"])
+
+
+@pytest.mark.slow
+def test_train_bench_reports_every_key(tmp_path):
+  out = tmp_path / "train.json"
+  result = subprocess.run(
+      [sys.executable, str(REPO / "bench" / "train.py"), "--config",
+       str(REPO / "configs" / "digits.py"), "--config.batch_size=8",
+       "--config.model.base_channels=16", "--config.model.head_channels=16", "--steps=2",
+       "--warmup=1", "--peak_scale=0.02", "--peak_batch=1", f"--out={out}"],
+      cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert json.loads(result.stdout.strip().splitlines()[-1]) == report
+  for key in ("images_per_s", "compile_s", "flops_per_step", "achieved_flops", "mfu",
+              "peak_memory_bytes", "params"):
+    assert math.isfinite(report[key]) and report[key] > 0, key
+  step = report["step_ms"]
+  assert step["min"] <= step["median"] <= step["max"]
+  assert report["images_per_s"] == pytest.approx(8 / (step["median"] / 1e3))
+  assert report["achieved_flops"] == pytest.approx(
+      report["flops_per_step"] * report["images_per_s"] / 8)
+  assert report["mfu_peak"].startswith("bench/peak.py conv3x3_float32")
+  assert (report["device"], report["dtype"], report["batch"]) == ("cpu", "float32", 8)

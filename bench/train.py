@@ -1,0 +1,128 @@
+"""Training throughput of a config's real train step, with XLA's FLOP count and the MFU.
+
+  python bench/train.py --config configs/mnist.py [--config.batch_size=64 ...] \
+      [--data synthetic|real] [--steps 20] [--out train.json]
+
+Builds the job and train step that training uses (job.create_job, trainer.make_train_step),
+compiles it once, runs --warmup steps, then times --steps steps one by one (each waits for its
+result), and prints ONE JSON line: images_per_s, step_ms (median, min, max), compile_s,
+flops_per_step (XLA's cost analysis of the compiled step, all devices), achieved_flops, mfu
+against bench/peak.py's 3×3-convolution peak of the model's dtype measured in the same run
+(`mfu_peak` names it), peak_memory_bytes (the device's memory stats, else the process's peak
+RSS: `peak_memory_source`), device, dtype, batch, params. With --data real every step also reads
+and shards its batch through the real input pipeline (prefetching), so equal step times with
+synthetic and real data mean that the pipeline keeps up.
+"""
+import json
+import pathlib
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+BENCH = pathlib.Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH), str(BENCH.parent)]  # bench/peak.py, and the package from any cwd.
+import peak  # noqa: E402  (bench/peak.py)
+
+from cfdg_jax import input_pipeline  # noqa: E402
+from cfdg_jax import job as job_lib  # noqa: E402
+from cfdg_jax import runtime  # noqa: E402
+from cfdg_jax import sharding  # noqa: E402
+from cfdg_jax import trainer  # noqa: E402
+from cfdg_jax import validation  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_enum("data", "synthetic", ["synthetic", "real"], "Batches: one random batch, or the "
+                  "config's data set through the input pipeline.")
+flags.DEFINE_integer("steps", 20, "Timed steps.", lower_bound=1)
+flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.", lower_bound=0)
+flags.DEFINE_float("peak_scale", 1.0, "bench/peak.py's --scale (a quick run: 0.02).")
+flags.DEFINE_integer("peak_batch", 16, "bench/peak.py's --batch.", lower_bound=1)
+flags.DEFINE_string("out", None, "Also write the JSON line here.")
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+def _synthetic_batches(config):
+  rng = np.random.default_rng(0)
+  s, c, b = config.data.image_size, config.data.channels, config.batch_size
+  batch = {"image": rng.uniform(-1, 1, (b, s, s, c)).astype(np.float32),
+           "label": rng.integers(0, config.data.num_classes, b).astype(np.int32)}
+  while True:
+    yield batch
+
+
+def _peak_memory() -> tuple[int, str]:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), "device_memory_stats"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_rss"
+
+
+def run(config, data: str, steps: int, warmup: int, peak_scale: float, peak_batch: int) -> dict:
+  """The measurement of `config`'s train step (see the module docstring)."""
+  validation.check_config(config)
+  mesh = sharding.create_mesh(config.mesh)
+  job = job_lib.create_job(config, mesh)
+  state = job.init_state(jax.random.key(config.seed))
+  batches = (input_pipeline.create_train_iterator(
+      config.data, global_batch_size=config.batch_size, seed=config.seed)
+             if data == "real" else _synthetic_batches(config))
+  rng = jax.random.key(0)
+  batch = sharding.shard_batch(next(batches), mesh)
+
+  tic = time.perf_counter()
+  compiled = trainer.make_train_step(job).lower(state, batch, rng).compile()
+  compile_s = time.perf_counter() - tic
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  # The partitioned module is one device's program: its FLOPs times the devices are the step's.
+  flops_per_step = float(cost["flops"]) * jax.device_count()
+
+  times = []
+  for i in range(warmup + steps):
+    tic = time.perf_counter()
+    if data == "real":
+      batch = sharding.shard_batch(next(batches), mesh)
+    state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready(metrics["loss"])
+    if i >= warmup:
+      times.append(time.perf_counter() - tic)
+
+  dtype = config.model.dtype
+  peak_report = peak.report([dtype], peak_batch, repeats=5, scale=peak_scale)
+  ceiling = peak_report["peak"][f"conv3x3_{dtype}"]
+  median = statistics.median(times)
+  memory, memory_source = _peak_memory()
+  return {
+      "images_per_s": config.batch_size / median,
+      "step_ms": {"median": 1e3 * median, "min": 1e3 * min(times), "max": 1e3 * max(times)},
+      "compile_s": compile_s, "flops_per_step": flops_per_step,
+      "achieved_flops": flops_per_step / median, "mfu": flops_per_step / median / ceiling,
+      "mfu_peak": f"bench/peak.py conv3x3_{dtype}: {ceiling:.4g} FLOP/s",
+      "peak_memory_bytes": memory, "peak_memory_source": memory_source,
+      "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "dtype": dtype,
+      "batch": config.batch_size, "data": data, "steps": steps,
+      "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+      "final_loss": float(metrics["loss"])}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  line = json.dumps(run(FLAGS.config, FLAGS.data, FLAGS.steps, FLAGS.warmup, FLAGS.peak_scale,
+                        FLAGS.peak_batch))
+  print(line, flush=True)
+  if FLAGS.out:
+    pathlib.Path(FLAGS.out).write_text(line + "\n")
+
+
+if __name__ == "__main__":
+  runtime.run(main)
