@@ -6,28 +6,27 @@
 Builds the job and train step that training uses (job.create_job, trainer.make_train_step),
 compiles it once, runs --warmup steps, then times --steps steps one by one (each waits for its
 result), and prints ONE JSON line: images_per_s, step_ms (median, min, max), compile_s,
-flops_per_step (XLA's cost analysis of the compiled step, all devices), achieved_flops, mfu
+flops_per_step (XLA's cost analysis of the step, all devices, with attention computed densely:
+the model's FLOPs, whatever config.model.attention computes them with), achieved_flops, mfu
 against bench/peak.py's 3×3-convolution peak of the model's dtype measured in the same run
 (`mfu_peak` names it), peak_memory_bytes (the device's memory stats, else the process's peak
 RSS: `peak_memory_source`), device, dtype, batch, params. With --data real every step also reads
 and shards its batch through the real input pipeline (prefetching), so equal step times with
 synthetic and real data mean that the pipeline keeps up.
 """
-import json
 import pathlib
-import resource
 import statistics
 import sys
 import time
 
 import jax
-import numpy as np
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 BENCH = pathlib.Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH), str(BENCH.parent)]  # bench/peak.py, and the package from any cwd.
+sys.path[:0] = [str(BENCH), str(BENCH.parent)]  # bench/*.py, and the package from any cwd.
+import common  # noqa: E402  (bench/common.py)
 import peak  # noqa: E402  (bench/peak.py)
 
 from cfdg_jax import input_pipeline  # noqa: E402
@@ -50,22 +49,6 @@ flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
-def _synthetic_batches(config):
-  rng = np.random.default_rng(0)
-  s, c, b = config.data.image_size, config.data.channels, config.batch_size
-  batch = {"image": rng.uniform(-1, 1, (b, s, s, c)).astype(np.float32),
-           "label": rng.integers(0, config.data.num_classes, b).astype(np.int32)}
-  while True:
-    yield batch
-
-
-def _peak_memory() -> tuple[int, str]:
-  stats = jax.local_devices()[0].memory_stats() or {}
-  if "peak_bytes_in_use" in stats:
-    return int(stats["peak_bytes_in_use"]), "device_memory_stats"
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_rss"
-
-
 def run(config, data: str, steps: int, warmup: int, peak_scale: float, peak_batch: int) -> dict:
   """The measurement of `config`'s train step (see the module docstring)."""
   validation.check_config(config)
@@ -74,17 +57,15 @@ def run(config, data: str, steps: int, warmup: int, peak_scale: float, peak_batc
   state = job.init_state(jax.random.key(config.seed))
   batches = (input_pipeline.create_train_iterator(
       config.data, global_batch_size=config.batch_size, seed=config.seed)
-             if data == "real" else _synthetic_batches(config))
+             if data == "real" else common.synthetic_batches(config))
   rng = jax.random.key(0)
   batch = sharding.shard_batch(next(batches), mesh)
 
   tic = time.perf_counter()
   compiled = trainer.make_train_step(job).lower(state, batch, rng).compile()
   compile_s = time.perf_counter() - tic
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  # The partitioned module is one device's program: its FLOPs times the devices are the step's.
-  flops_per_step = float(cost["flops"]) * jax.device_count()
+  dense_job = job_lib.create_job(common.dense_attention(config), mesh)
+  flops_per_step = common.flops(trainer.make_train_step(dense_job).lower(state, batch, rng))
 
   times = []
   for i in range(warmup + steps):
@@ -100,10 +81,10 @@ def run(config, data: str, steps: int, warmup: int, peak_scale: float, peak_batc
   peak_report = peak.report([dtype], peak_batch, repeats=5, scale=peak_scale)
   ceiling = peak_report["peak"][f"conv3x3_{dtype}"]
   median = statistics.median(times)
-  memory, memory_source = _peak_memory()
+  memory, memory_source = common.peak_memory()
   return {
       "images_per_s": config.batch_size / median,
-      "step_ms": {"median": 1e3 * median, "min": 1e3 * min(times), "max": 1e3 * max(times)},
+      "step_ms": common.summary_ms(times),
       "compile_s": compile_s, "flops_per_step": flops_per_step,
       "achieved_flops": flops_per_step / median, "mfu": flops_per_step / median / ceiling,
       "mfu_peak": f"bench/peak.py conv3x3_{dtype}: {ceiling:.4g} FLOP/s",
@@ -117,11 +98,8 @@ def run(config, data: str, steps: int, warmup: int, peak_scale: float, peak_batc
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  line = json.dumps(run(FLAGS.config, FLAGS.data, FLAGS.steps, FLAGS.warmup, FLAGS.peak_scale,
-                        FLAGS.peak_batch))
-  print(line, flush=True)
-  if FLAGS.out:
-    pathlib.Path(FLAGS.out).write_text(line + "\n")
+  common.emit(run(FLAGS.config, FLAGS.data, FLAGS.steps, FLAGS.warmup, FLAGS.peak_scale,
+                   FLAGS.peak_batch), FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ ITEMS = ("train_state", "ema_params", "config")
 # that only say how the same parameters are computed.
 _ARCHITECTURE_FIELDS = ("model", "data.image_size", "data.channels", "data.num_classes",
                         "diffusion.prediction")
-_HOW_COMPUTED = ("model.dtype", "model.remat")
+_HOW_COMPUTED = ("model.dtype", "model.remat", "model.attention")
 _MAX_ROWS = 12  # Parameters listed when a checkpoint holds another model.
 
 
@@ -123,14 +123,15 @@ def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.
 def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A config saved by an earlier version, in today's layout.
 
-  Before rematerialisation, config.model had no remat. Before the mesh section,
+  Before rematerialisation, config.model had no remat (nor attention, before blockwise attention). Before the mesh section,
   config.sharding held {fsdp: bool, fsdp_min_size}. Before the sampler and guidance sections,
   config.sample held {num_steps, v, clip_x, guidance: the grid's w,
   num_per_class} and config.eval {guidance: the w, num_steps, v, step_sweep_guidance, ...}.
   """
   config = ml_collections.ConfigDict(config.to_dict())
-  if "model" in config and "remat" not in config.model:
-    config.model.remat = "none"
+  for field, default in (("remat", "none"), ("attention", "auto")):
+    if "model" in config and field not in config.model:
+      config.model[field] = default
   if "sharding" in config:
     old = config.sharding
     config.mesh = ml_collections.ConfigDict(

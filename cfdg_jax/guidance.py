@@ -1,8 +1,8 @@
 """Classifier-free guidance (Ho & Salimans 2022) and its later refinements, for one denoising call.
 
 The paper's guidance: ε̃(z, c) = (1 + w) ε(z, c) − w ε(z, ∅), with the conditional and unconditional
-passes in ONE network call on the stacked batch [z, z] with labels [c, ∅]. w = 0 is the plain
-conditional model; libraries that write ε_u + s (ε_c − ε_u) use s = 1 + w.
+passes in ONE network call on 2B examples: z_0, z_0, z_1, z_1, … with labels c_0, ∅, c_1, ∅, ….
+w = 0 is the plain conditional model; libraries that write ε_u + s (ε_c − ε_u) use s = 1 + w.
 
 Refinements, each a per-example number that leaves plain guidance unchanged at its default:
   interval_lo, interval_hi   guidance only for λ in [lo, hi] (Kynkäänniemi et al. 2024); where
@@ -211,9 +211,12 @@ def guided_x(eps_fn: EpsFn, z: jnp.ndarray, logsnr: jnp.ndarray, labels: jnp.nda
   def both(_):
     if guide_fn is not None:
       return eps_fn(z, logsnr, labels), guide_fn(z, logsnr, labels)
-    eps = eps_fn(jnp.concatenate([z, z]), jnp.concatenate([logsnr, logsnr]),
-                 jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
-    return eps[:batch], eps[batch:]
+    # Interleaved [z_0, z_0, z_1, z_1, ...], not [z, z]: with the batch sharded over devices,
+    # each device then evaluates both passes of its own examples, and nothing moves between them.
+    pair = lambda c, u: jnp.stack([c, u], axis=1).reshape(2 * batch, *c.shape[1:])
+    eps = eps_fn(pair(z, z), pair(logsnr, logsnr), pair(labels, jnp.full_like(labels, null_label)))
+    eps = eps.reshape(batch, 2, *z.shape[1:])
+    return eps[:, 0], eps[:, 1]
 
   def conditional_only(_):
     eps = eps_fn(z, logsnr, labels)

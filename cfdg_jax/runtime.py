@@ -1,6 +1,7 @@
 """Process start-up shared by the entry points: multi-process JAX, a quiet TensorFlow, and
 `run`, which ends a user's mistake in one line instead of a traceback."""
 import functools
+import math
 import os
 import re
 import sys
@@ -36,6 +37,24 @@ flags.DEFINE_bool("traceback", False, "Also print the Python traceback of a user
 FLAGS = flags.FLAGS
 
 
+MAX_CPU_DEVICES = 8
+
+
+def cpu_devices() -> int | None:
+  """XLA CPU devices for a single-process run: one per core (a power of two, at most
+  MAX_CPU_DEVICES), unless XLA_FLAGS or JAX_NUM_CPU_DEVICES set the count (then None).
+
+  One XLA CPU device does not keep several cores busy on networks of this size; with one per
+  core, the data-parallel mesh splits each batch over them (README: 1.13× faster training and
+  1.64× faster sampling on 2 cores). More than 8 would leave each too small a share of a batch.
+  """
+  if ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+      or "JAX_NUM_CPU_DEVICES" in os.environ):
+    return None
+  cores = min(len(os.sched_getaffinity(0)), MAX_CPU_DEVICES)
+  return 2 ** int(math.log2(max(cores, 1)))
+
+
 def initialize() -> None:
   """Call first in main(): before anything touches a JAX device."""
   # tf.data only runs the input pipeline; keep TensorFlow off the accelerators JAX uses.
@@ -44,7 +63,11 @@ def initialize() -> None:
   if any(x is not None for x in explicit) and not all(x is not None for x in explicit):
     raise app.UsageError("--coordinator_address, --num_processes and --process_id go together "
                          f"(got {explicit}); or pass --distributed on a cluster JAX detects.")
-  if FLAGS.distributed or FLAGS.coordinator_address is not None:
+  distributed = FLAGS.distributed or FLAGS.coordinator_address is not None
+  if not distributed and (count := cpu_devices()):
+    # Only the CPU backend reads it: on a GPU or TPU the accelerators still do the work.
+    jax.config.update("jax_num_cpu_devices", count)
+  if distributed:
     # Collectives between processes' CPU devices (local runs, host-side arrays on pods).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(*explicit, local_device_ids=FLAGS.local_device_ids and [

@@ -24,6 +24,8 @@ import numpy as np
 from flax import linen as nn
 import ml_collections
 
+from cfdg_jax import attention as attention_lib
+
 zeros = nn.initializers.zeros
 
 
@@ -97,6 +99,7 @@ class AttentionBlock(nn.Module):
   """Multi-head self-attention over all H*W positions: [B,H,W,C] -> [B,H,W,C]."""
   head_channels: int
   dtype: Any = jnp.float32
+  implementation: str = "auto"  # attention.IMPLEMENTATIONS: the same function, computed anyhow.
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -106,7 +109,7 @@ class AttentionBlock(nn.Module):
     qkv = dense(3 * c, name="qkv")(h)
     q, k, v = (a.reshape(b, height * width, c // self.head_channels, self.head_channels)
                for a in jnp.split(qkv, 3, axis=-1))
-    h = jax.nn.dot_product_attention(q, k, v).reshape(b, height * width, c)
+    h = attention_lib.attention(q, k, v, self.implementation).reshape(b, height * width, c)
     h = dense(c, kernel_init=zeros, bias_init=zeros, name="proj_out")(h)
     return x + h.reshape(x.shape)
 
@@ -127,6 +130,7 @@ class UNet(nn.Module):
     dtype: compute dtype; parameters are always float32.
     remat: "none", or "blocks": the backward pass recomputes each residual and attention
       block's activations instead of keeping them (less memory, ~1/3 more compute).
+    attention: how attention is computed (attention.IMPLEMENTATIONS; the same function).
   """
   num_classes: int
   out_channels: int
@@ -139,6 +143,7 @@ class UNet(nn.Module):
   resblock_updown: bool = False
   dtype: Any = jnp.float32
   remat: str = "none"
+  attention: str = "auto"
 
   def _check(self, x, logsnr, labels) -> None:
     """Raises ValueError for a bad config or input shapes, before any parameter is built."""
@@ -149,6 +154,9 @@ class UNet(nn.Module):
                        f"num_res_blocks >= 0; got {self.channel_mult}, {self.num_res_blocks}.")
     if self.remat not in REMAT:
       raise ValueError(f"remat={self.remat!r}; use one of {REMAT}.")
+    if self.attention not in attention_lib.IMPLEMENTATIONS:
+      raise ValueError(f"attention={self.attention!r}; use one of "
+                       f"{attention_lib.IMPLEMENTATIONS}.")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1); got {self.dropout}.")
     if x.ndim != 4:
@@ -200,7 +208,8 @@ class UNet(nn.Module):
       res_block = nn.remat(ResBlock, static_argnums=(3,))
       attn_block = nn.remat(AttentionBlock)
     res = functools.partial(res_block, dropout=self.dropout, dtype=self.dtype)
-    attn = functools.partial(attn_block, head_channels=self.head_channels, dtype=self.dtype)
+    attn = functools.partial(attn_block, head_channels=self.head_channels, dtype=self.dtype,
+                             implementation=self.attention)
     size = x.shape[1]
     last = len(self.channel_mult) - 1
 
@@ -260,7 +269,7 @@ def create_model(config: ml_collections.ConfigDict) -> UNet:
       base_channels=m.base_channels, channel_mult=tuple(m.channel_mult),
       num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
       head_channels=m.head_channels, dropout=m.dropout, resblock_updown=m.resblock_updown,
-      dtype=jnp.dtype(m.dtype), remat=m.remat)
+      dtype=jnp.dtype(m.dtype), remat=m.remat, attention=m.attention)
 
 
 def init_params(rng: jax.Array, model: UNet, config: ml_collections.ConfigDict) -> Any:

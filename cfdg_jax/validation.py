@@ -25,6 +25,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 from etils import epath
 
+from cfdg_jax import attention
 from cfdg_jax import checkpointing
 from cfdg_jax import diffusion
 from cfdg_jax import guidance
@@ -116,6 +117,9 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"config.model.dropout={m.dropout} must lie in [0, 1), e.g. 0.1.")
   if m.remat not in unet.REMAT:
     raise UserError(f"config.model.remat={m.remat!r}; use one of {unet.REMAT}.")
+  if m.attention not in attention.IMPLEMENTATIONS:
+    raise UserError(f"config.model.attention={m.attention!r}; use one of "
+                    f"{attention.IMPLEMENTATIONS} (auto: the fastest that applies here).")
   try:
     jnp.dtype(m.dtype)
   except TypeError as e:

@@ -49,6 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
   # (App. I); bfloat16 with float32 parameters does that without loss scaling.
   config.model.dtype = "bfloat16"
   config.model.remat = "none"  # "blocks": recompute block activations in the backward pass.
+  # "auto": cuDNN's fused kernel on a GPU (bfloat16), blockwise on a CPU (cfdg_jax/attention.py).
+  config.model.attention = "auto"
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.logsnr_min = -20.0  # CFG paper, Section 4.1.

@@ -37,6 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.resblock_updown = False
   config.model.dtype = "float32"  # Compute dtype; "bfloat16" on TPU/GPU. Parameters stay float32.
   config.model.remat = "none"  # "blocks": recompute block activations in the backward pass.
+  # "auto": cuDNN's fused kernel on a GPU (bfloat16), blockwise on a CPU (cfdg_jax/attention.py).
+  config.model.attention = "auto"
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.logsnr_min = -20.0

@@ -56,6 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.resblock_updown = True  # "BigGAN up/downsample".
   config.model.dtype = "bfloat16"  # ADM trained with 16-bit activations, 32-bit weights (App. I).
   config.model.remat = "none"  # "blocks": recompute block activations in the backward pass.
+  # "auto": cuDNN's fused kernel on a GPU (bfloat16), blockwise on a CPU (cfdg_jax/attention.py).
+  config.model.attention = "auto"
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.logsnr_min = -20.0  # CFG paper, Section 4.1.

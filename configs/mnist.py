@@ -53,6 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.resblock_updown = False
   config.model.dtype = "float32"  # Runs anywhere; "bfloat16" is faster on a GPU.
   config.model.remat = "none"  # "blocks": recompute block activations in the backward pass.
+  # "auto": cuDNN's fused kernel on a GPU (bfloat16), blockwise on a CPU (cfdg_jax/attention.py).
+  config.model.attention = "auto"
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.logsnr_min = -20.0  # CFG paper, Section 4.1.

@@ -84,3 +84,59 @@ def test_train_bench_reports_every_key(tmp_path):
       report["flops_per_step"] * report["images_per_s"] / 8)
   assert report["mfu_peak"].startswith("bench/peak.py conv3x3_float32")
   assert (report["device"], report["dtype"], report["batch"]) == ("cpu", "float32", 8)
+
+
+@pytest.mark.slow
+def test_profile_groups_every_traced_op_by_kind_and_block(tmp_path):
+  out = tmp_path / "profile.json"
+  result = subprocess.run(
+      [sys.executable, str(REPO / "bench" / "profile.py"), "--config",
+       str(REPO / "configs" / "digits.py"), "--config.batch_size=8",
+       "--config.model.base_channels=16", "--config.model.head_channels=16", "--steps=1",
+       "--top=3", f"--trace_dir={tmp_path / 'trace'}", f"--out={out}"],
+      cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert json.loads(result.stdout.strip().splitlines()[-1]) == report
+  assert list((tmp_path / "trace").rglob("*.xplane.pb"))  # Kept for TensorBoard.
+  total = report["op_seconds_per_step"]
+  for group in ("kind", "block", "block_kind"):
+    assert sum(v["seconds"] for v in report[group].values()) == pytest.approx(total)
+    assert sum(v["share"] for v in report[group].values()) == pytest.approx(1.0)
+  # A UNet step convolves, multiplies matrices (attention, embeddings) and all-reduces its
+  # gradients over the 2 devices; attention and residual blocks are told apart.
+  assert {"convolution", "dot", "collective"} <= report["kind"].keys()
+  assert {"attention", "resblock", "other"} <= report["block"].keys()
+  assert len(report["top"]) == 3 and report["top"][0]["seconds_per_step"] >= report["top"][1][
+      "seconds_per_step"]
+
+
+def test_profile_reads_kinds_and_blocks_from_hlo_text():
+  sys.path.insert(0, str(REPO / "bench"))
+  import profile as bench_profile  # pylint: disable=import-outside-toplevel
+  hlo = """
+%fused_computation.1 (p: f32[2,8]) -> f32[2] {
+  %p = f32[2,8]{1,0} parameter(0)
+  ROOT %reduce.1 = f32[2]{0} reduce(%p, %c), dimensions={1}, to_apply=%add
+}
+%fused_computation.2 (p: f32[8,2]) -> f32[2,8] {
+  %p = f32[8,2]{1,0} parameter(0)
+  ROOT %transpose.3 = f32[2,8]{1,0} transpose(%p), dimensions={1,0}
+}
+ENTRY %main.9 (a: f32[2,8]) -> f32[2] {
+  %a = f32[2,8]{1,0} parameter(0)
+  %conv.2 = f32[1,4,4,8]{3,2,1,0} convolution(%x, %w), window={size=3x3}, metadata={op_name="jit(f)/UNet/down0_res1/conv0/conv_general_dilated"}
+  %dot.5 = f32[2,8]{1,0} dot(%a, %b), metadata={op_name="jit(f)/UNet/up1_attn0/qkv/dot_general"}
+  %loop_fusion.7 = f32[2]{0} fusion(%a), kind=kLoop, calls=%fused_computation.1, metadata={op_name="jit(f)/UNet/mid_res0/norm0/reduce_sum"}
+  %copy_fusion.8 = f32[2,8]{1,0} fusion(%a), kind=kLoop, calls=%fused_computation.2
+  ROOT %all-reduce.4 = (f32[2]{0}, /*index=1*/f32[8]{0}) all-reduce(%loop_fusion.7, %p), to_apply=%add
+}
+"""
+  ops = bench_profile.hlo_ops(hlo)
+  assert {name: op[:2] for name, op in ops.items()} == {
+      "p": ("other", "other"), "reduce.1": ("reduction", "other"),
+      "transpose.3": ("copy", "other"), "a": ("other", "other"),
+      "conv.2": ("convolution", "resblock"), "dot.5": ("dot", "attention"),
+      "loop_fusion.7": ("reduction", "resblock"), "copy_fusion.8": ("copy", "other"),
+      "all-reduce.4": ("collective", "other")}
+  assert ops["dot.5"][2] == "jit(f)/UNet/up1_attn0/qkv/dot_general"

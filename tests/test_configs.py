@@ -15,7 +15,8 @@ CONFIGS = sorted(p for p in (pathlib.Path(__file__).resolve().parents[1] / "conf
                  if p.stem != "common")
 # Parameters (millions); the ImageNet ones match ADM's 296M and 422M (Dhariwal & Nichol, 2021).
 EXPECTED_PARAMS_M = {"digits": 1.082, "mnist": 6.950, "fashion_mnist": 6.950, "mnist_cpu": 0.288,
-                     "cifar10": 38.313, "imagenet64": 295.900, "imagenet128": 421.524}
+                     "cifar10": 38.313, "imagenet64": 295.900, "imagenet128": 421.524,
+                     "attention32": 10.341}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

@@ -1,6 +1,7 @@
 """The evaluation job's parts: points, row identity, results log, metrics, plots, bad configs.
 
 The job end to end on digits runs in test_evaluate_job.py."""
+import collections
 import json
 import math
 
@@ -8,12 +9,14 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from etils import epath
 from PIL import Image
 
 from cfdg_jax import guidance
 from cfdg_jax import samplers
 from cfdg_jax import sharding
 from cfdg_jax.eval import evaluator
+from cfdg_jax.eval import metrics
 from cfdg_jax.eval import networks
 from cfdg_jax.eval import plan
 from cfdg_jax.eval import plots
@@ -163,6 +166,32 @@ def test_compute_metrics_per_network():
   assert row["classifier_accuracy"] == 1.0 and row["classifier_is"] > 2.5
   wrong = networks.compute_metrics(images, (labels + 1) % 3, [fake_classifier], references[1:], 3)
   assert wrong["classifier_accuracy"] == 0.0
+
+
+def test_compute_metrics_does_the_reference_work_once(tmp_path, monkeypatch):
+  rng = np.random.default_rng(1)
+  net = networks.Network("", lambda x: {"pool": x.reshape(len(x), -1) / 255.0}, "pool", False,
+                         "inception", "aa", {})
+  path = epath.Path(tmp_path) / "reference_digits.npz"
+  computed = networks.load_or_compute_reference(
+      path, net, lambda: rng.integers(0, 256, (60, 4, 4, 1), np.uint8))
+  loaded = networks.load_or_compute_reference(path, net, lambda: pytest.fail("not from the file"))
+  points = [rng.integers(0, 256, (30, 4, 4, 1), np.uint8) for _ in range(2)]
+  labels = np.arange(30) % 3
+  # From a plain mapping, the reference's work is redone at every call.
+  want = [networks.compute_metrics(images, labels, [net], [dict(loaded)], 3) for images in points]
+  calls = collections.Counter()
+  for name in ("_sqrt_eigh", "_knn_radii_sq"):
+    def counted(*args, name=name, fn=getattr(metrics, name)):
+      calls[name] += 1
+      return fn(*args)
+    monkeypatch.setattr(metrics, name, counted)
+  for reference in (computed, loaded):
+    calls.clear()
+    assert [networks.compute_metrics(images, labels, [net], [reference], 3)
+            for images in points] == want
+    # The reference's covariance and k-NN radii once; each point's own at every point.
+    assert calls == {"_sqrt_eigh": 1 + len(points), "_knn_radii_sq": 1 + len(points)}
 
 
 def test_plots(tmp_path):

@@ -1,5 +1,6 @@
 """Guidance and its refinements in one denoising call, against their formulas (DESIGN.md §1, §5)."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,23 @@ def test_a_guided_step_is_one_network_call_on_2b_examples():
   calls = []
   _, _, n_calls, examples = _guided(2.0, eps_fn=_counting(_eps_fn, calls))
   assert calls == [2 * B] and (int(n_calls), int(examples)) == (1, 2 * B)
+
+
+def test_a_guided_call_on_a_sharded_batch_moves_no_examples_between_devices():
+  """Each device evaluates both passes of its own examples: no all-gather or permute of z."""
+  mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  batch = 2 * jax.device_count()
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  z, logsnr, labels = _inputs(batch)
+  opts = guidance.make_options(batch, 2.0)
+  fn = jax.jit(lambda z, labels, opts: guidance.guided_x(
+      _eps_fn, z, logsnr, labels, opts, jnp.zeros_like(z), null_label=NULL, clip_x=False)[0])
+  args = jax.device_put((z, labels, opts), split)
+  hlo = fn.lower(*args).compile().as_text()
+  assert jax.device_count() >= 2 and re.search(r"\ball-reduce\(", hlo)  # jnp.any over examples.
+  assert not re.findall(r"\b(all-gather|all-to-all|collective-permute)\(", hlo)
+  np.testing.assert_allclose(fn(*args), _guided(2.0, batch=batch)[0], atol=1e-6)
 
 
 @pytest.mark.parametrize("options", [{"w": 0.0}, {"w": 2.0, "interval_lo": 1.0},
@@ -158,7 +176,7 @@ def test_dynamic_thresholding_and_clipping():
   z, logsnr, _ = _inputs()
   alpha, sigma = diffusion.alpha_sigma(logsnr)
   target = 3.0 * np.asarray(z)  # An ε-function whose x̂ is `target` exactly.
-  eps_fn = lambda zz, lam, labels: (zz - alpha * np.tile(target, (len(zz) // B, 1, 1, 1))) / sigma
+  eps_fn = lambda zz, lam, labels: (zz - alpha * 3.0 * zz) / sigma
   for p in (0.5, 0.9):
     s = np.maximum(1.0, np.quantile(np.abs(target).reshape(B, -1), p, axis=1))[:, None, None, None]
     got = _guided(1.0, eps_fn=eps_fn, dynamic_threshold=p)[0]

@@ -80,6 +80,35 @@ def test_fid_rejects_mismatched_stats():
     metrics.fid_from_stats(np.zeros(3), np.eye(4), np.zeros(3), np.eye(3))
 
 
+def test_reference_fid_from_its_kept_factors_matches_fid_from_stats():
+  rng = np.random.default_rng(9)
+  mu, sigma = _random_stats(rng, 96, 400)
+  reference = metrics.Reference({"mu": mu, "sigma": sigma})
+  # A full-rank and a singular (fewer samples than dimensions) sample covariance; the second
+  # comparison reuses the factors the first computed.
+  for n in (300, 40):
+    mu1, sigma1 = _random_stats(rng, 96, n)
+    want = metrics.fid_from_stats(mu1, sigma1, mu, sigma)
+    np.testing.assert_allclose(reference.fid(mu1, sigma1), want, rtol=1e-6)
+    np.testing.assert_allclose(metrics.fid_from_stats(
+        mu1, sigma1, mu, sigma, sigma2_factors=metrics._sqrt_eigh(sigma)), want, rtol=1e-6)
+
+
+def test_reference_precision_recall_from_its_kept_radii_equals_the_plain_call():
+  rng = np.random.default_rng(10)
+  real = rng.normal(size=(300, 16)).astype(np.float32)  # Stored as the reference cache stores it.
+  reference = metrics.Reference({"features": real})
+  # k alternates, so radii kept for the wrong k would show; the second of each k reuses them.
+  for k, shift in ((3, 0.0), (1, 0.3), (3, 0.3), (1, 0.0)):
+    fake = rng.normal(size=(120, 16)) + shift
+    assert reference.precision_recall(fake, k) == metrics.precision_recall(real, fake, k)
+    radii = metrics._knn_radii_sq(real.astype(np.float64), k, metrics._PR_BATCH)
+    assert (metrics.precision_recall(real, fake, k, real_radii_sq=radii)
+            == metrics.precision_recall(real, fake, k))
+  with pytest.raises(ValueError, match="more than k samples"):
+    reference.precision_recall(fake, 300)
+
+
 def test_inception_score_of_one_hot_uniform_predictions_is_num_classes():
   probs = np.eye(10)[np.arange(1000) % 10]  # Every split holds each class equally often.
   mean, std = metrics.inception_score(probs)

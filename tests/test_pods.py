@@ -190,3 +190,17 @@ def test_pod_and_slurm_scripts_dry_run(tmp_path):
                          capture_output=True, text=True, check=True).stdout.splitlines()
   assert shlex.split(slurm[1]) == ["srun", "--kill-on-bad-exit=1", "python", "-m", *job,
                                    "--distributed", "--local_device_ids=0,1,2,3"]
+
+
+@pytest.mark.parametrize("cores, env, expected", [
+    (2, {}, 2), (1, {}, 1), (6, {}, 4), (64, {}, 8),
+    (64, {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, None),
+    (64, {"JAX_NUM_CPU_DEVICES": "1"}, None)])
+def test_a_cpu_run_gets_one_device_per_core_unless_told(monkeypatch, cores, env, expected):
+  from cfdg_jax import runtime  # pylint: disable=import-outside-toplevel
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(cores)))
+  assert runtime.cpu_devices() == expected

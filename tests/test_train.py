@@ -141,7 +141,8 @@ def test_train_step_and_sampler_compile_once(data_dir):
 
   pipe = pipeline.Pipeline(pipeline.Network(job.model, config, job.state_sharding.ema_params),
                            state.ema_params, mesh)
-  for sampler in ("ancestral", "dpmpp_2m(num_steps=4)"):
+  for sampler in ("ancestral", "ddim(num_steps=4,eta=0.5)", "dpmpp_2m(num_steps=4)",
+                  "heun(num_steps=3)"):
     pipe.sample(np.arange(10), 0.0, sampler=sampler)
     with count_compiles() as compiles:  # w and every guidance option are traced, per example.
       for w, options in ((1.0, {}), (3.0, {"rescale": 0.5}),
@@ -301,11 +302,12 @@ def test_fsdp_training_matches_replicated_training(data_dir):
 
 
 def test_configs_of_older_checkpoints_are_upgraded(data_dir):
-  """A checkpoint's config from before the sampler, mesh and remat fields reads as today's."""
+  """A checkpoint's config from before the sampler, mesh, remat and attention fields reads as
+  today's."""
   config = tiny_config(data_dir)
   old = config.to_dict()
   old["sharding"] = {"fsdp": True, "fsdp_min_size": 1024}
-  del old["mesh"], old["model"]["remat"]
+  del old["mesh"], old["model"]["remat"], old["model"]["attention"]
   old["sample"] = {"num_steps": 64, "v": 0.2, "clip_x": False, "guidance": (0.0, 2.0),
                    "num_per_class": 3}
   old["eval"] = {**{k: v for k, v in old["eval"].items()
@@ -314,7 +316,7 @@ def test_configs_of_older_checkpoints_are_upgraded(data_dir):
                  "step_sweep_guidance": (1.0,)}
   new = checkpointing.upgrade_config(ml_collections.ConfigDict(old))
   assert new.mesh.to_dict() == {"data": 1, "fsdp": -1, "fsdp_min_size": 1024}
-  assert "sharding" not in new and new.model.remat == "none"
+  assert "sharding" not in new and (new.model.remat, new.model.attention) == ("none", "auto")
   assert samplers.settings_from_config(new.sample.sampler).canonical == (
       "ancestral(grid='cosine',num_steps=64,v=0.2)")
   assert not new.sample.guidance.clip_x and tuple(new.sample.w) == (0.0, 2.0)

@@ -92,6 +92,7 @@ CONFIG_CASES = [
     ({"model.num_res_blocks": -1}, r"config.model.num_res_blocks=-1 must be an integer >= 0"),
     ({"model.dropout": 1.0}, r"config.model.dropout=1.0 must lie in \[0, 1\)"),
     ({"model.remat": "all"}, r"config.model.remat='all'; use one of \('none', 'blocks'\)"),
+    ({"model.attention": "flash"}, r"config.model.attention='flash'; use one of \('auto', 'xla'"),
     ({"model.dtype": "float17"}, r"config.model.dtype='float17' is not a dtype"),
     ({"data.image_size": 0}, r"config.data.image_size=0 must be an integer >= 1"),
     ({"data.num_classes": 0}, r"config.data.num_classes=0 must be an integer >= 1"),

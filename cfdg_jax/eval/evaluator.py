@@ -313,8 +313,8 @@ class Evaluator:
 
   def _references(self, builder: tfds.core.DatasetBuilder,
                   data_config: ml_collections.ConfigDict, eval_config: ml_collections.ConfigDict,
-                  networks: Sequence[networks_lib.Network]) -> list[dict[str, np.ndarray]]:
-    """Each network's reference statistics, from the cache or computed (and cached) now."""
+                  networks: Sequence[networks_lib.Network]) -> list[Mapping[str, np.ndarray]]:
+    """Each network's metrics.Reference: from the cache, or computed (and cached) now."""
     if not networks:
       return []
     self.eval_dir.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,9 @@ References: FID, Heusel et al. 2017 (computed as pytorch-fid and TTUR do); Incep
 Salimans et al. 2016 (as the improved-GAN code: 10 splits); precision/recall, Kynkäänniemi et al. 2019
 (k = 3 nearest-neighbour balls, as NVlabs' implementation).
 """
+import functools
+from typing import Iterator, Mapping
+
 import numpy as np
 from etils import epath
 from scipy import linalg
@@ -41,7 +44,8 @@ def _sqrt_eigh(sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return np.sqrt(w[keep]), v[:, keep]
 
 
-def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, *,
+                   sigma2_factors: tuple[np.ndarray, np.ndarray] | None = None) -> float:
   """Fréchet distance ||mu1 - mu2||² + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^½).
 
   pytorch-fid (and ADM's evaluator) take scipy.linalg.sqrtm of the non-symmetric product
@@ -51,12 +55,15 @@ def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2:
   gives the same value (1e-12 relative on full-rank statistics) without complex arithmetic or
   squaring the condition number, stays accurate for singular covariances (fewer samples than
   dimensions) where sqrtm can fail, and then needs only a rank x rank SVD.
+
+  `sigma2_factors`: _sqrt_eigh(sigma2), when already computed (`Reference` keeps its own).
   """
   mu1, sigma1 = _check_stats(mu1, sigma1, "first statistics")
   mu2, sigma2 = _check_stats(mu2, sigma2, "second statistics")
   if mu1.shape != mu2.shape:
     raise ValueError(f"The statistics have different dimensions: {mu1.size} and {mu2.size}.")
-  (r1, v1), (r2, v2) = _sqrt_eigh(sigma1), _sqrt_eigh(sigma2)
+  r1, v1 = _sqrt_eigh(sigma1)
+  r2, v2 = _sqrt_eigh(sigma2) if sigma2_factors is None else sigma2_factors
   core = r2[:, None] * (v2.T @ v1) * r1[None, :]
   tr_covmean = linalg.svdvals(core).sum() if core.size else 0.0  # Empty if a covariance is 0.
   diff = mu1 - mu2
@@ -116,8 +123,17 @@ def _coverage(points: np.ndarray, centers: np.ndarray, radii_sq: np.ndarray, bat
   return inside / len(points)
 
 
+def _check_pr_shapes(real_shape: tuple[int, ...], fake_shape: tuple[int, ...], k: int) -> None:
+  if len(real_shape) != 2 or len(fake_shape) != 2 or real_shape[1] != fake_shape[1]:
+    raise ValueError(f"Expected real [N, D] and fake [M, D] features; got {real_shape} and {fake_shape}.")
+  if min(real_shape[0], fake_shape[0]) <= k or k < 1:
+    raise ValueError(f"k={k} needs more than k samples in each set; got {real_shape[0]} real and "
+                     f"{fake_shape[0]} fake. Use more samples or a smaller k.")
+
+
 def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: int = 3,
-                     batch_size: int = _PR_BATCH) -> tuple[float, float]:
+                     batch_size: int = _PR_BATCH, *,
+                     real_radii_sq: np.ndarray | None = None) -> tuple[float, float]:
   """Improved precision and recall (Kynkäänniemi et al., 2019).
 
   Each sample's ball has the radius of its k-th nearest neighbour within its own set. Precision is
@@ -130,20 +146,60 @@ def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: in
     fake_features: [M, D].
     k: neighbourhood size (the paper uses 3); needs N, M > k.
     batch_size: rows per distance block.
+    real_radii_sq: [N] the real samples' squared k-NN radii (_knn_radii_sq), when already
+      computed (`Reference` keeps its own).
 
   Returns:
     (precision, recall) in [0, 1].
   """
   real = np.asarray(real_features, np.float64)
   fake = np.asarray(fake_features, np.float64)
-  if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-    raise ValueError(f"Expected real [N, D] and fake [M, D] features; got {real.shape} and {fake.shape}.")
-  if min(len(real), len(fake)) <= k or k < 1:
-    raise ValueError(f"k={k} needs more than k samples in each set; got {len(real)} real and "
-                     f"{len(fake)} fake. Use more samples or a smaller k.")
-  precision = _coverage(fake, real, _knn_radii_sq(real, k, batch_size), batch_size)
+  _check_pr_shapes(real.shape, fake.shape, k)
+  if real_radii_sq is None:
+    real_radii_sq = _knn_radii_sq(real, k, batch_size)
+  precision = _coverage(fake, real, real_radii_sq, batch_size)
   recall = _coverage(real, fake, _knn_radii_sq(fake, k, batch_size), batch_size)
   return precision, recall
+
+
+class Reference(Mapping[str, np.ndarray]):
+  """Reference arrays that many sample sets are compared with: "mu", "sigma" [D, D] and, for
+  precision/recall, "features" [N, D] (networks.load_or_compute_reference's).
+
+  What FID and precision/recall need of the reference alone (the covariance's eigendecomposition,
+  the features' k-NN radii) is computed on first use and kept: for 2048-d features of 50k images
+  that is seconds and minutes each later comparison skips. The results are fid_from_stats' and
+  precision_recall's.
+  """
+
+  def __init__(self, arrays: Mapping[str, np.ndarray]):
+    self._arrays = dict(arrays)
+    self._radii_sq = {}  # k -> the features' squared k-NN radii.
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    return self._arrays[key]
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._arrays)
+
+  def __len__(self) -> int:
+    return len(self._arrays)
+
+  @functools.cached_property
+  def _sigma_factors(self) -> tuple[np.ndarray, np.ndarray]:
+    return _sqrt_eigh(_check_stats(self["mu"], self["sigma"], "reference statistics")[1])
+
+  def fid(self, mu: np.ndarray, sigma: np.ndarray) -> float:
+    """fid_from_stats(mu, sigma, the reference's mu, the reference's sigma)."""
+    return fid_from_stats(mu, sigma, self["mu"], self["sigma"], sigma2_factors=self._sigma_factors)
+
+  def precision_recall(self, fake_features: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """precision_recall(the reference's features, fake_features, k)."""
+    real = self["features"]
+    _check_pr_shapes(np.shape(real), np.shape(fake_features), k)  # Its message, not partition's.
+    if k not in self._radii_sq:
+      self._radii_sq[k] = _knn_radii_sq(np.asarray(real, np.float64), k, _PR_BATCH)
+    return precision_recall(real, fake_features, k, real_radii_sq=self._radii_sq[k])
 
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:

@@ -88,11 +88,15 @@ def reference_path(cache_dir: epath.PathLike, dataset: str, split: str, image_si
 
 
 def load_or_compute_reference(path: epath.Path, network: Network,
-                              get_images: Callable[[], np.ndarray]) -> dict[str, np.ndarray]:
-  """{"mu", "sigma", "features"} of the reference images, cached at `path` (written atomically)."""
+                              get_images: Callable[[], np.ndarray]) -> metrics.Reference:
+  """{"mu", "sigma", "features"} of the reference images, cached at `path` (written atomically).
+
+  The file holds these arrays alone: what the metrics derive from them (metrics.Reference) is
+  computed in memory when first needed, so the file never depends on config.eval.
+  """
   if path.exists():
     with path.open("rb") as f, np.load(f) as data:
-      return dict(data)
+      return metrics.Reference(data)
   tic = time.perf_counter()
   images = get_images()
   features = network.fn(images)[network.feature_key]
@@ -106,7 +110,7 @@ def load_or_compute_reference(path: epath.Path, network: Network,
   tmp.replace(path)
   logging.info("Wrote %s: statistics of %d reference images (%.0f s).", path, len(images),
                time.perf_counter() - tic)
-  return reference
+  return metrics.Reference(reference)
 
 
 def compute_metrics(images: np.ndarray, labels: np.ndarray, networks: Sequence[Network],
@@ -115,20 +119,23 @@ def compute_metrics(images: np.ndarray, labels: np.ndarray, networks: Sequence[N
 
   fid, is, is_std, precision, recall for Inception; classifier_fid, classifier_is,
   classifier_is_std, classifier_accuracy (of argmax logits == labels) for the classifier.
+  A reference that is a metrics.Reference (load_or_compute_reference's) keeps what depends on it
+  alone across calls; other mappings get it computed afresh.
   """
   row = {}
   for network, reference in zip(networks, references):
+    if not isinstance(reference, metrics.Reference):
+      reference = metrics.Reference(reference)
     out = network.fn(images)
     features = out[network.feature_key]
     p = network.prefix
-    row[p + "fid"] = metrics.fid_from_stats(*metrics.stats_from_features(features),
-                                            reference["mu"], reference["sigma"])
+    row[p + "fid"] = reference.fid(*metrics.stats_from_features(features))
     if network.has_logits:
       row[p + "is"], row[p + "is_std"] = metrics.inception_score(out["logits"], IS_SPLITS)
     if p:
       row[p + "accuracy"] = float(np.mean(np.argmax(out["logits"], axis=-1) == labels))
     else:
-      row["precision"], row["recall"] = metrics.precision_recall(reference["features"], features, k)
+      row["precision"], row["recall"] = reference.precision_recall(features, k)
   return row
 
 
