@@ -8,7 +8,9 @@ Compiles the train step that training uses (as bench/train.py), runs it once, th
 profiler plugin reads; keep it with --trace_dir to open it there). Each executed XLA op (on the
 CPU: each thunk) is matched by name to its HLO instruction in the compiled module, and its time
 is summed by
-  kind    what the op computes: convolution, dot (matmul), reduction (e.g. GroupNorm's moments,
+  kind    what the op computes: convolution, convolution_weight_grad (the backward pass's
+          gradient of a kernel: a convolution whose window is the feature map), dot (matmul),
+          reduction (e.g. GroupNorm's moments,
           softmax sums), elementwise (fused loops), copy (transposes and layout changes),
           collective (all-reduce of the gradients), other;
   block   the UNet block it belongs to, from the op's source metadata: attention, resblock,
@@ -72,6 +74,12 @@ def hlo_ops(hlo: str) -> dict[str, tuple[str, str, str]]:
                for item in bodies.get(called, ())]
       inner = {opcode} | {op for _, op, _ in fused}
       kind = next((k for op, k in _KINDS if op in inner), None)
+      if kind == "convolution" and any(
+          max(map(int, m.group(1).split("x"))) > 3
+          for text in [line] + [l for _, _, l in fused]
+          if (m := re.search(r"window=\{size=([\dx]+)", text))):
+        # A window wider than the 3×3 kernels: the feature map itself, i.e. a weight gradient.
+        kind = "convolution_weight_grad"
       if kind is None:
         data_ops = inner - {"fusion", "parameter", "bitcast", "constant", "tuple",
                             "get-tuple-element"}

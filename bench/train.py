@@ -10,9 +10,10 @@ flops_per_step (XLA's cost analysis of the step, all devices, with attention com
 the model's FLOPs, whatever config.model.attention computes them with), achieved_flops, mfu
 against bench/peak.py's 3×3-convolution peak of the model's dtype measured in the same run
 (`mfu_peak` names it), peak_memory_bytes (the device's memory stats, else the process's peak
-RSS: `peak_memory_source`), device, dtype, batch, params. With --data real every step also reads
-and shards its batch through the real input pipeline (prefetching), so equal step times with
-synthetic and real data mean that the pipeline keeps up.
+RSS: `peak_memory_source`), device, dtype, batch, params. Every timed step puts its batch on the
+devices, as training does: with --data synthetic the same host batch each time, with --data real
+the next one from the config's input pipeline (reading and decoding ahead in threads), so equal
+step times with synthetic and real data mean that the pipeline keeps up.
 """
 import pathlib
 import statistics
@@ -70,8 +71,7 @@ def run(config, data: str, steps: int, warmup: int, peak_scale: float, peak_batc
   times = []
   for i in range(warmup + steps):
     tic = time.perf_counter()
-    if data == "real":
-      batch = sharding.shard_batch(next(batches), mesh)
+    batch = sharding.shard_batch(next(batches), mesh)  # Host to devices, as in training.
     state, metrics = compiled(state, batch, rng)
     jax.block_until_ready(metrics["loss"])
     if i >= warmup:

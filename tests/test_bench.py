@@ -126,6 +126,7 @@ def test_profile_reads_kinds_and_blocks_from_hlo_text():
 ENTRY %main.9 (a: f32[2,8]) -> f32[2] {
   %a = f32[2,8]{1,0} parameter(0)
   %conv.2 = f32[1,4,4,8]{3,2,1,0} convolution(%x, %w), window={size=3x3}, metadata={op_name="jit(f)/UNet/down0_res1/conv0/conv_general_dilated"}
+  %conv.6 = f32[8,3,3,8]{3,2,1,0} convolution(%x, %y), window={size=4x4 pad=1_1x1_1}, dim_labels=f01b_i01o->01bf
   %dot.5 = f32[2,8]{1,0} dot(%a, %b), metadata={op_name="jit(f)/UNet/up1_attn0/qkv/dot_general"}
   %loop_fusion.7 = f32[2]{0} fusion(%a), kind=kLoop, calls=%fused_computation.1, metadata={op_name="jit(f)/UNet/mid_res0/norm0/reduce_sum"}
   %copy_fusion.8 = f32[2,8]{1,0} fusion(%a), kind=kLoop, calls=%fused_computation.2
@@ -136,7 +137,8 @@ ENTRY %main.9 (a: f32[2,8]) -> f32[2] {
   assert {name: op[:2] for name, op in ops.items()} == {
       "p": ("other", "other"), "reduce.1": ("reduction", "other"),
       "transpose.3": ("copy", "other"), "a": ("other", "other"),
-      "conv.2": ("convolution", "resblock"), "dot.5": ("dot", "attention"),
+      "conv.2": ("convolution", "resblock"), "conv.6": ("convolution_weight_grad", "other"),
+      "dot.5": ("dot", "attention"),
       "loop_fusion.7": ("reduction", "resblock"), "copy_fusion.8": ("copy", "other"),
       "all-reduce.4": ("collective", "other")}
   assert ops["dot.5"][2] == "jit(f)/UNet/up1_attn0/qkv/dot_general"

@@ -9,9 +9,8 @@ import sys
 
 import pytest
 
-from cfdg_jax.eval import classifier
 from conftest import REPO
-from test_train import tiny_config
+from test_evaluate_job import classifier_dir, data_dir  # noqa: F401  (fixtures: a tiny classifier)
 
 NUM_SAMPLES = 32
 SAMPLER = "ancestral(num_steps=2)"
@@ -20,19 +19,6 @@ POINT_KEYS = {"seconds", "fractions", "slowest", "images_per_s", "compile_s", "r
               "sampler", "sampler_family", "num_steps", "nfe", "guidance", "labels",
               "num_samples", "seed", "batch_size", "examples_per_sample", "device", "devices",
               "config", "workdir", "step"}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory, data_dir):
-  """A tiny digits classifier, in the format the evaluator reads (its accuracy does not matter)."""
-  out = str(tmp_path_factory.mktemp("classifier"))
-  classifier.train(tiny_config(data_dir).data, out, num_steps=5, width=16)
-  return out
 
 
 def _bench(tmp_path, *flags):
