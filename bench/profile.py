@@ -141,8 +141,7 @@ def run(config, steps: int, top: int, trace_dir: str) -> dict:
       "block": _shares(by_block, total), "block_kind": _shares(by_both, total),
       "top": [{"op": name, "kind": ops[name][0], "block": ops[name][1], "source": ops[name][2],
                "seconds_per_step": s / steps, "share": s / total} for name, s in slowest],
-      "flops_per_step": common.flops(trainer.make_train_step(job_lib.create_job(
-          common.dense_attention(config), mesh)).lower(state, batch, rng)), "device": jax.devices()[0].device_kind,
+      "flops_per_step": common.train_step_flops(config, mesh, state, batch, rng), "device": jax.devices()[0].device_kind,
       "devices": jax.device_count(), "batch": config.batch_size, "dtype": config.model.dtype,
       "attention": config.model.attention}
 

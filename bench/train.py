@@ -65,8 +65,7 @@ def run(config, data: str, steps: int, warmup: int, peak_scale: float, peak_batc
   tic = time.perf_counter()
   compiled = trainer.make_train_step(job).lower(state, batch, rng).compile()
   compile_s = time.perf_counter() - tic
-  dense_job = job_lib.create_job(common.dense_attention(config), mesh)
-  flops_per_step = common.flops(trainer.make_train_step(dense_job).lower(state, batch, rng))
+  flops_per_step = common.train_step_flops(config, mesh, state, batch, rng)
 
   times = []
   for i in range(warmup + steps):
