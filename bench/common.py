@@ -60,17 +60,11 @@ def dense_attention(config):
 def train_step_flops(config, mesh, state, batch, rng) -> float:
   """The model's FLOPs of one train step of `config` (dense attention), all devices together."""
   # pylint: disable=import-outside-toplevel  (the package is on sys.path once a script runs)
+  from cfdg_jax import costs
   from cfdg_jax import job as job_lib
   from cfdg_jax import trainer
   job = job_lib.create_job(dense_attention(config), mesh)
-  return flops(trainer.make_train_step(job).lower(state, batch, rng))
-
-
-def flops(lowered) -> float:
-  """XLA's FLOP count of a lowered computation (before partitioning: all devices together)."""
-  cost = lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"])
+  return costs.lowered_flops(trainer.make_train_step(job).lower(state, batch, rng))
 
 
 def emit(report: dict, out: str | None) -> None:

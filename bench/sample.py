@@ -44,6 +44,7 @@ sys.path[:0] = [str(BENCH), str(BENCH.parent)]  # bench/*.py, and the package fr
 import common  # noqa: E402  (bench/common.py)
 
 from cfdg_jax import checkpointing  # noqa: E402
+from cfdg_jax import costs  # noqa: E402
 from cfdg_jax import guidance  # noqa: E402
 from cfdg_jax import job as job_lib  # noqa: E402
 from cfdg_jax import pipeline  # noqa: E402
@@ -161,7 +162,7 @@ def run(config, workdir: str | None, spec: str | None, batch: int, w: float, dty
     call = jax.jit(dense.eps_fn(params)).lower(
         jnp.zeros((examples, *images_shape), jnp.float32), jnp.zeros((examples,)),
         jnp.zeros((examples,), jnp.int32))
-    flops_per_image = common.flops(call) * nfe / batch
+    flops_per_image = costs.lowered_flops(call) * nfe / batch
     calls, results = {}, {}
     for mode in MODES:
       tic = time.perf_counter()

@@ -26,6 +26,7 @@ from cfdg_jax import errors
 from cfdg_jax import guidance
 from cfdg_jax import job as job_lib
 from cfdg_jax import samplers
+from cfdg_jax import sharding
 
 ITEMS = ("train_state", "ema_params", "config")
 # Config fields a resumed run must share with its checkpoint (they fix the parameters), less those
@@ -123,7 +124,8 @@ def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.
 def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A config saved by an earlier version, in today's layout.
 
-  Before rematerialisation, config.model had no remat (nor attention, before blockwise attention). Before the mesh section,
+  Before rematerialisation, config.model had no remat (nor attention, before blockwise
+  attention); before gradient accumulation, there was no config.microbatches. Before the mesh section,
   config.sharding held {fsdp: bool, fsdp_min_size}. Before the sampler and guidance sections,
   config.sample held {num_steps, v, clip_x, guidance: the grid's w,
   num_per_class} and config.eval {guidance: the w, num_steps, v, step_sweep_guidance, ...}.
@@ -132,6 +134,8 @@ def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   for field, default in (("remat", "none"), ("attention", "auto")):
     if "model" in config and field not in config.model:
       config.model[field] = default
+  if "batch_size" in config and "microbatches" not in config:
+    config.microbatches = 1
   if "sharding" in config:
     old = config.sharding
     config.mesh = ml_collections.ConfigDict(
@@ -139,13 +143,15 @@ def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
          "fsdp_min_size": old.fsdp_min_size})
     del config["sharding"]
   sample = config.get("sample")
+  if sample is not None and "sampler" in sample and "batch_size" not in sample:
+    sample.batch_size = None  # Before grids were drawn in batches: all at once.
   if sample is None or "sampler" in sample:
     return config
   old = config.sample
   config.sample = ml_collections.ConfigDict({
       "sampler": samplers.config_section("ancestral", old.num_steps, ancestral={"v": old.v}),
       "guidance": guidance.config_section(clip_x=old.clip_x), "w": old.guidance,
-      "num_per_class": old.num_per_class})
+      "num_per_class": old.num_per_class, "batch_size": None})
   if "eval" in config and "guidance" in config.eval and "w" not in config.eval:
     e = config.eval.to_dict()
     v = old.v if e.pop("v") is None else e["v"]
@@ -265,13 +271,15 @@ def restore_newest(manager: ocp.CheckpointManager, job: job_lib.Job,
   return step or 0, state
 
 
-def load_ema_params(workdir: str, mesh: jax.sharding.Mesh, step: int | None = None
+def load_ema_params(workdir: str, mesh: jax.sharding.Mesh | None = None,
+                    step: int | None = None, *, fsdp: int | None = None
                     ) -> tuple[job_lib.Job, int, Any]:
   """The job (the checkpoint's config on `mesh`), step and EMA parameters of a workdir.
 
   `step` defaults to the newest that reads (damaged ones are reported and skipped). The
-  parameters are laid out for `mesh`, whatever mesh saved them. Raises UserError naming what is
-  missing.
+  parameters are laid out for `mesh`, whatever mesh saved them; the default mesh is the
+  checkpoint's config.mesh over every device, or data × `fsdp` (sharding.job_mesh). Raises
+  UserError naming what is missing.
   """
   manager = create_manager(workdir, read_only=True)
   steps = manager.all_steps()
@@ -283,7 +291,8 @@ def load_ema_params(workdir: str, mesh: jax.sharding.Mesh, step: int | None = No
                            f"available: {sorted(steps)}.")
 
   def read(s):
-    job = job_lib.create_job(restore_config(manager, s), mesh)
+    config = restore_config(manager, s)
+    job = job_lib.create_job(config, mesh or sharding.job_mesh(config.mesh, fsdp=fsdp))
     return job, restore_ema_params(manager, s, job.abstract_state.ema_params)
   if step is not None:
     job, params = read(step)

@@ -54,6 +54,7 @@ def main(argv):
   guidance_spec = specs.format_spec("cfg", overrides) if overrides else None
   validation.check_guidance_flags(overrides)
   runtime.initialize()
+  validation.check_fsdp_flag(FLAGS.fsdp)
   validation.check_workdir(FLAGS.workdir)  # <workdir>/eval is written; with --watch it may wait.
   if not FLAGS.watch:
     validation.check_checkpoint(FLAGS.workdir, FLAGS.step, hint=", or pass --watch to wait for "
@@ -65,7 +66,7 @@ def main(argv):
                              step=FLAGS.step, watch=FLAGS.watch, poll_seconds=FLAGS.poll_seconds,
                              sampler_specs=sampler_spec and (sampler_spec,),
                              guidance_specs=guidance_spec and (guidance_spec,),
-                             mesh=sampling_flags.mesh())
+                             fsdp=FLAGS.fsdp)
 
 
 if __name__ == "__main__":

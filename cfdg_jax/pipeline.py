@@ -97,15 +97,21 @@ def generate(sample_fn, params: Any, rng: jax.Array, labels: np.ndarray,
   The batch is padded to a multiple of the device count (with w = 0, so padding never adds a
   guided call); every process gets all N images. Returns (uint8 [N, H, W, C], stats).
   """
-  labels = np.asarray(labels, np.int32)
-  n = labels.shape[0]
-  ids = np.arange(n, dtype=np.int32) if ids is None else np.asarray(ids, np.int32)
-  pad = -n % mesh.size
-  padded = jax.tree.map(lambda a: sharding.global_array(np.pad(a, (0, pad)), mesh),
-                        (labels, options, ids))
+  padded = jax.tree.map(lambda a: sharding.global_array(a, mesh),
+                        padded_inputs(labels, options, ids, mesh.size))
   images, stats = sample_fn(params, guide_params, rng, *padded)
-  images = np.asarray(multihost_utils.process_allgather(images, tiled=True))[:n]
+  images = np.asarray(multihost_utils.process_allgather(images, tiled=True))[:len(labels)]
   return images, {k: int(v) for k, v in stats.items()}
+
+
+def padded_inputs(labels: np.ndarray, options: guidance.Options, ids: np.ndarray | None,
+                  num_devices: int) -> tuple[np.ndarray, guidance.Options, np.ndarray]:
+  """(labels, options, ids) padded to a multiple of `num_devices` examples (w = 0 in the padding,
+  so it never adds a guided call): the batch `sample_fn` gets."""
+  labels = np.asarray(labels, np.int32)
+  ids = np.arange(len(labels), dtype=np.int32) if ids is None else np.asarray(ids, np.int32)
+  pad = -len(labels) % num_devices
+  return jax.tree.map(lambda a: np.pad(a, (0, pad)), (labels, options, ids))
 
 
 @dataclasses.dataclass
@@ -181,9 +187,9 @@ class Pipeline:
       raise UserError(f"labels {bad[:5]} are not class ids of this model: use 0..{k - 1} "
                       f"({self.config.data.name}).")
     clip_x = self.config.sample.guidance.clip_x if clip_x is None else clip_x
-    sample_fn = self._sample_fn(settings, clip_x, guide)
+    sample_fn = self.sample_fn(settings, clip_x, guide)
     rng = jax.random.key(seed) if isinstance(seed, int) else seed
-    batch = min(batch_size or n, -(-n // self.mesh.size) * self.mesh.size)
+    batch = self.call_size(n, batch_size)
     self.last_stats = {"sampler": settings.canonical, "nfe": samplers.get(
         settings.name).evaluations(settings.num_steps), "network_calls": 0, "examples": 0}
     start_time = last_log = time.perf_counter()
@@ -215,7 +221,12 @@ class Pipeline:
     _, step, params = checkpointing.load_ema_params(self.workdir, self.mesh, step)
     return dataclasses.replace(self, params=params, step=step, last_stats={})
 
-  def _sample_fn(self, settings: samplers.Settings, clip_x: bool, guide: "Pipeline | None"):
+  def call_size(self, n: int, batch_size: int | None = None) -> int:
+    """Images per sampler call for n images, batch_size at a time (None: all, padded)."""
+    return min(batch_size or n, -(-n // self.mesh.size) * self.mesh.size)
+
+  def sample_fn(self, settings: samplers.Settings, clip_x: bool, guide: "Pipeline | None" = None):
+    """The jitted sampler of a setting (make_sample_fn), compiled once per batch shape."""
     if guide is not None:
       check_guide(self.config, guide.config)
     key = (settings, clip_x, _model_key(guide.config) if guide else None)
@@ -238,14 +249,13 @@ def check_guide(config: ml_collections.ConfigDict, guide_config: ml_collections.
                        f"model {config.data[field]}: guide with a model of the same data.")
 
 
-def load(workdir: str, step: int | None = None, *,
-         mesh: jax.sharding.Mesh | None = None) -> Pipeline:
+def load(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None,
+         fsdp: int | None = None) -> Pipeline:
   """The EMA weights of `workdir`'s checkpoint `step` (default the newest), on `mesh`.
 
-  The default mesh is data parallel over every device of every process; pass
-  `sharding.create_mesh(config.mesh)` to split a large model's parameters over "fsdp" too.
+  The default mesh is the checkpoint's config.mesh over every device of every process (as it
+  trained), or data × `fsdp` (the CLIs' --fsdp); see sharding.job_mesh.
   """
-  mesh = mesh or sharding.create_mesh()
-  job, step, params = checkpointing.load_ema_params(workdir, mesh, step)
+  job, step, params = checkpointing.load_ema_params(workdir, mesh, step, fsdp=fsdp)
   network = Network(job.model, job.config, job.state_sharding.ema_params)
-  return Pipeline(network, params, mesh, step=step, workdir=workdir)
+  return Pipeline(network, params, job.mesh, step=step, workdir=workdir)

@@ -58,13 +58,14 @@ def main(argv):
   overrides = sampling_flags.guidance_overrides()
   validation.check_guidance_flags(overrides)
   runtime.initialize()
+  validation.check_fsdp_flag(FLAGS.fsdp)
   # Before anything is restored or compiled.
   validation.check_checkpoint(FLAGS.workdir, FLAGS.step)
   if overrides.get("guide_workdir"):
     validation.check_checkpoint(overrides["guide_workdir"], overrides.get("guide_step"),
                                 workdir_flag="--guide_workdir", step_flag="--guide_step")
   try:
-    pipe = pipeline.load(FLAGS.workdir, FLAGS.step, mesh=sampling_flags.mesh())
+    pipe = pipeline.load(FLAGS.workdir, FLAGS.step, fsdp=FLAGS.fsdp)
     config = pipe.config
     settings = pipe.settings(sampling_flags.sampler_spec(config.sample.sampler.name))
     section = {**config.sample.guidance, **overrides}

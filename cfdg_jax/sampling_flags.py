@@ -6,17 +6,16 @@ option is a flag without new code:
   --<sampler>.<field>   each sampler's own fields, e.g. --ddim.eta=0.5, --ancestral.v=0.2
   --<option>            guidance options, e.g. --rescale=0.7, --interval_lo=-3.4, --apg_eta=0
   --clip_x, --guide_workdir DIR, --guide_step N   x̂ clipping; autoguidance's guide network
-Unset flags keep the config's values. --fsdp N splits a large model's parameters over N devices.
+Unset flags keep the config's values. The mesh is the checkpoint's config.mesh; --fsdp N
+splits the parameters over N devices instead.
 """
 from typing import Any
 
-import jax
 from absl import app
 from absl import flags
 
 from cfdg_jax import guidance
 from cfdg_jax import samplers
-from cfdg_jax import sharding
 from cfdg_jax import specs
 
 _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
@@ -41,20 +40,10 @@ flags.DEFINE_string("guide_workdir", None, "Autoguidance: guide with this traini
                     "checkpoint (a weaker model of the same data) instead of the null label.")
 flags.DEFINE_integer("guide_step", None, "Autoguidance: the guide's checkpoint step (default: "
                      "its newest).")
-flags.DEFINE_integer("fsdp", 1, "Devices each large parameter is split over (the mesh's fsdp "
-                     "axis; the batch is split over all devices): raise it for a model that does "
-                     "not fit on one device.")
+flags.DEFINE_integer("fsdp", None, "Devices each large parameter is split over (the mesh's fsdp "
+                     "axis; the batch is split over all devices). Default: the checkpoint's "
+                     "config.mesh.")
 FLAGS = flags.FLAGS
-
-
-def mesh() -> jax.sharding.Mesh:
-  """All devices of all processes, data × --fsdp (after runtime.initialize())."""
-  if FLAGS.fsdp < 1:
-    raise app.UsageError(f"--fsdp={FLAGS.fsdp}: use a number of devices >= 1.")
-  try:
-    return sharding.create_mesh({"data": -1, "fsdp": FLAGS.fsdp})
-  except ValueError as e:
-    raise app.UsageError(f"--fsdp={FLAGS.fsdp}: {e}") from e
 
 
 def sampler_spec(default_name: str | None) -> str | None:

@@ -5,11 +5,13 @@ split over both axes. Parameters, their EMA and the optimizer moments are split 
 (each large array on its largest dimension divisible by the axis size, ZeRO-3 style) and
 replicated along "data"; the compiler inserts the all-gathers and reduce-scatters.
 """
-from typing import Any
+import math
+from typing import Any, Sequence
 
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cfdg_jax.errors import UserError
@@ -43,12 +45,38 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
   return sizes[DATA_AXIS], sizes[FSDP_AXIS]
 
 
-def create_mesh(mesh_config: ml_collections.ConfigDict | None = None) -> Mesh:
-  """The data × fsdp mesh over all devices of all processes, in `make_mesh`'s topology-aware
-  order. None: data parallel over every device (fsdp = 1)."""
-  shape = (mesh_shape(mesh_config, jax.device_count()) if mesh_config is not None
-           else (jax.device_count(), 1))
-  return jax.make_mesh(shape, BATCH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+def create_mesh(mesh_config: ml_collections.ConfigDict | None = None,
+                devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The data × fsdp mesh of `mesh_config` (config.mesh) over `devices` (default: every device of
+  every process), in `make_mesh`'s topology-aware order. None: data parallel (fsdp = 1)."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = (mesh_shape(mesh_config, len(devices)) if mesh_config is not None
+           else (len(devices), 1))
+  return jax.make_mesh(shape, BATCH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=devices)
+
+
+def job_mesh(mesh_config: ml_collections.ConfigDict, *, fsdp: int | None = None,
+             devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh a sampling or evaluation job runs on: its checkpoint's config.mesh, or data × fsdp
+  with `fsdp` (the --fsdp flag) set.
+
+  A checkpoint's mesh that these devices cannot form (fsdp = 8 on 2 devices) gives way, with a
+  warning, to fsdp = gcd(its fsdp, devices): checkpoints restore onto any mesh.
+  """
+  n = len(jax.devices() if devices is None else devices)
+  if fsdp is not None:
+    if fsdp < 1 or n % fsdp:
+      raise UserError(f"--fsdp={fsdp}: use a divisor of the {n} devices (the batch is split over "
+                      "all of them, the parameters over fsdp).")
+    return create_mesh({DATA_AXIS: -1, FSDP_AXIS: fsdp}, devices)
+  try:
+    return create_mesh(mesh_config, devices)
+  except UserError as e:
+    wanted = mesh_config[FSDP_AXIS] if mesh_config[FSDP_AXIS] > 0 else n
+    fallback = math.gcd(wanted, n)
+    logging.warning("%s Using fsdp=%d instead (--fsdp N chooses).", e, fallback)
+    return create_mesh({DATA_AXIS: -1, FSDP_AXIS: fallback}, devices)
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

@@ -1,4 +1,5 @@
 """Training: the jitted train step, and the loop around it."""
+import dataclasses
 import os
 import jax
 import jax.numpy as jnp
@@ -31,11 +32,14 @@ def train_step(state: job_lib.TrainState, batch: dict[str, jax.Array], rng: jax.
   """One AdamW step on the classifier-free loss, then the EMA update.
 
   batch: {'image': float32 [B, H, W, C] in [−1, 1], 'label': int32 [B]}, split over the mesh.
+  With config.microbatches = k > 1 the gradient is the mean of k gradients on B/k examples each
+  (microbatch j: examples j, j + k, ...; its keys folded with j), computed one after another:
+  the activations of B/k examples are held at a time, and the update is that of the batch.
   """
   rng_loss, rng_dropout = jax.random.split(jax.random.fold_in(rng, state.step))
   d = config.diffusion
 
-  def loss(params):
+  def loss(params, batch, rng_loss, rng_dropout):
     def model_fn(z, logsnr, labels):
       return model.apply({"params": params}, z, logsnr, labels, train=True,
                          rngs={"dropout": rng_dropout})
@@ -44,7 +48,19 @@ def train_step(state: job_lib.TrainState, batch: dict[str, jax.Array], rng: jax.
         null_label=config.data.num_classes, logsnr_min=d.logsnr_min,
         logsnr_max=d.logsnr_max, prediction=d.prediction).mean()
 
-  loss_value, grads = jax.value_and_grad(loss)(state.params)
+  grad_fn = jax.value_and_grad(loss)
+  k = config.microbatches
+  if k == 1:
+    loss_value, grads = grad_fn(state.params, batch, rng_loss, rng_dropout)
+  else:
+    def accumulate(total, j_micro):
+      j, micro = j_micro
+      value = grad_fn(state.params, micro, jax.random.fold_in(rng_loss, j),
+                      jax.random.fold_in(rng_dropout, j))
+      return jax.tree.map(jnp.add, total, value), None
+    zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+    total, _ = jax.lax.scan(accumulate, zero, (jnp.arange(k), split_microbatches(batch, k)))
+    loss_value, grads = jax.tree.map(lambda x: x / k, total)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # The (1+n)/(10+n) bound averages in early weights less, which matters for short runs.
@@ -60,6 +76,13 @@ def train_step(state: job_lib.TrainState, batch: dict[str, jax.Array], rng: jax.
   return state.replace(step=state.step + 1, params=keep_finite(params, state.params),
                        ema_params=keep_finite(ema_params, state.ema_params),
                        opt_state=keep_finite(opt_state, state.opt_state)), metrics
+
+
+def split_microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+  """[B, ...] -> [k, B/k, ...], microbatch j holding examples j, j + k, ...: every device's
+  examples stay on it (the batch axis is split over the mesh in contiguous blocks of B/devices,
+  each a multiple of k), so the split moves no data."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
 def make_train_step(job: job_lib.Job):
@@ -177,24 +200,35 @@ def _write_metrics(writer: metric_writers.MetricWriter, step: int, fetched: list
   return nonfinite
 
 
+def grid_sampler(job: job_lib.Job):
+  """The training run's sample grid (config.sample): (pipe, settings, clip_x, labels, options,
+  ids), pipe a Pipeline of the job's model and mesh without weights, the rest the sampler
+  setting and the grid's host arrays [N], drawn config.sample.batch_size images a call."""
+  config = job.config
+  settings = samplers.settings_from_config(config.sample.sampler)
+  grid_guidance = guidance.settings_from_config(config.sample.guidance)
+  pipe = pipeline.Pipeline(pipeline.Network(job.model, config, job.state_sharding.ema_params),
+                           None, job.mesh)
+  labels, w, ids = pipeline.class_sweep(config.data.num_classes, config.sample.num_per_class,
+                                        tuple(config.sample.w))
+  options = guidance.make_options(len(labels), w, **grid_guidance.option_values())
+  return pipe, settings, grid_guidance.clip_x, labels, options, ids
+
+
 def _grid_writer(job: job_lib.Job, workdir: str, rng: jax.Array):
   """write(step, ema_params): the sample grid of config.sample, as <workdir>/samples_<step>.png.
 
   The same draws every time, so successive grids show the model's progress.
   """
   config = job.config
-  settings = samplers.settings_from_config(config.sample.sampler)
-  grid_guidance = guidance.settings_from_config(config.sample.guidance)
-  sample_fn = pipeline.make_sample_fn(
-      pipeline.Network(job.model, config, job.state_sharding.ema_params), job.mesh, settings,
-      clip_x=grid_guidance.clip_x)
+  pipe, settings, clip_x, labels, options, ids = grid_sampler(job)
   sweep = tuple(config.sample.w)
-  labels, w, ids = pipeline.class_sweep(config.data.num_classes, config.sample.num_per_class,
-                                        sweep)
-  options = guidance.make_options(len(labels), w, **grid_guidance.option_values())
 
   def write(step: int, ema_params) -> None:
-    samples, _ = pipeline.generate(sample_fn, ema_params, rng, labels, options, job.mesh, ids)
+    batches = dataclasses.replace(pipe, params=ema_params).sample_batches(
+        labels, options, ids, settings=settings, seed=rng, clip_x=clip_x,
+        batch_size=config.sample.batch_size)
+    samples = np.concatenate([part for _, part in batches])
     if jax.process_index() == 0:
       path = os.path.join(workdir, f"samples_{step:08d}.png")
       images.write_sample_grid(path, samples, config.data.num_classes, sweep,

@@ -9,6 +9,7 @@ reads or prepares data, or writes a file: a failed check leaves the workdir as i
     check_workdir(workdir)              a directory the run can write (or create)
     check_data(data_config)             config.data against the TFDS data set's metadata
   check_checkpoint(workdir, step)       sample / evaluate: the checkpoint to load exists
+  check_fsdp_flag(fsdp)                 sample / evaluate: --fsdp divides the device count
   check_guidance_flags(overrides)       sample / evaluate: the guidance option flags
   check_override(config, path)          an unknown --config.<path> field, with near matches
 """
@@ -17,7 +18,7 @@ import math
 import os
 import pathlib
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,12 +50,14 @@ def check_train_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   check_data(config.data)
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+                 ) -> None:
   """The config's own fields: the batch over the mesh, the UNet, the diffusion, counts, sampling.
 
-  Reads no file; `jax.device_count()` is the only outside fact it uses.
+  Reads no file; the devices (default `jax.devices()`, or a TPU slice's for AOT compilation) are
+  the only outside fact it uses.
   """
-  _check_batch(config)
+  _check_batch(config, jax.devices() if devices is None else devices)
   _check_model(config)
   _check_diffusion(config)
   for field in _POSITIVE_COUNTS:
@@ -73,7 +76,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                     "positive, e.g. 1e-4.")
   if not 0.0 <= config.ema_decay <= 1.0:
     raise UserError(f"config.ema_decay={config.ema_decay} must lie in [0, 1], e.g. 0.9999.")
-  _check_sample(config.sample)
+  _check_sample(config.sample, len(jax.devices() if devices is None else devices))
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -86,15 +89,21 @@ def _is_int(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_batch(config: ml_collections.ConfigDict) -> None:
-  n_dev = jax.device_count()
+def _check_batch(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> None:
+  n_dev, processes = len(devices), len({d.process_index for d in devices})
   data, fsdp = sharding.mesh_shape(config.mesh, n_dev)
   # Every process drives as many devices, so a multiple of the devices splits over processes too.
   if not _is_int(config.batch_size) or config.batch_size < 1 or config.batch_size % n_dev:
     raise UserError(
         f"config.batch_size={config.batch_size} must be a positive multiple of the {n_dev} "
-        f"devices (mesh data={data} × fsdp={fsdp}, {jax.process_count()} processes) it is split "
+        f"devices (mesh data={data} × fsdp={fsdp}, {processes} processes) it is split "
         f"over; e.g. {max(1, round(config.batch_size / n_dev)) * n_dev}.")
+  k, per_device = config.microbatches, config.batch_size // n_dev
+  if not _is_int(k) or k < 1 or per_device % k:
+    fits = [d for d in range(1, per_device + 1) if not per_device % d]
+    raise UserError(f"config.microbatches={k!r} must divide the {per_device} examples per device "
+                    f"(batch_size={config.batch_size} over {n_dev} devices), so that each device "
+                    f"holds its share of every microbatch; e.g. one of {fits[:8]}.")
 
 
 def _check_model(config: ml_collections.ConfigDict) -> None:
@@ -164,7 +173,12 @@ def _check_diffusion(config: ml_collections.ConfigDict) -> None:
                     f"config.diffusion.logsnr_max={d.logsnr_max}, both finite (defaults -20, 20).")
 
 
-def _check_sample(sample: ml_collections.ConfigDict) -> None:
+def _check_sample(sample: ml_collections.ConfigDict, num_devices: int) -> None:
+  size = sample.batch_size
+  if size is not None and (not _is_int(size) or size < 1 or size % num_devices):
+    raise UserError(f"config.sample.batch_size={size!r} must be a positive multiple of the "
+                    f"{num_devices} devices (images per sampler call of the grids), or None for "
+                    "a whole grid in one call.")
   for name, check in (("sampler", samplers.settings_from_config),
                       ("guidance", guidance.settings_from_config)):
     try:
@@ -248,6 +262,14 @@ def check_checkpoint(workdir: str, step: int | None = None, *, workdir_flag: str
     raise UserError(f"{step_flag}={step}: {workdir} has no checkpoint at step {step}; the "
                     f"steps are {steps}.")
   return step
+
+
+def check_fsdp_flag(fsdp: int | None) -> None:
+  """--fsdp N of sample / evaluate: a divisor of the device count (None: the checkpoint's mesh)."""
+  if fsdp is not None and (fsdp < 1 or jax.device_count() % fsdp):
+    raise UserError(f"--fsdp={fsdp}: use a divisor of the {jax.device_count()} devices (the "
+                    "batch is split over all of them, the parameters over fsdp), or leave it "
+                    "out for the checkpoint's config.mesh.")
 
 
 def check_guidance_flags(overrides: Mapping[str, Any]) -> None:

@@ -71,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_clip = 1.0
 
   config.batch_size = 128  # DDPM, App. B.
+  config.microbatches = 1  # Gradient accumulation over sequential microbatches (same update).
   config.num_train_steps = 800_000  # DDPM, App. B.
   config.ema_decay = 0.9999  # DDPM, App. B.
   config.log_every = 500

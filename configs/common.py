@@ -25,6 +25,9 @@ def sample_config(num_steps: int, v: float, w: tuple[float, ...] = (0.0, 1.0, 3.
   config.guidance = guidance.config_section()
   config.w = w  # Guidance strengths of the sample grids, one panel each.
   config.num_per_class = num_per_class
+  # Images per sampler call when a grid is drawn (a multiple of the device count); None: the
+  # whole grid, classes × num_per_class × len(w), in one call.
+  config.batch_size = ml_collections.config_dict.placeholder(int)
   return config
 
 

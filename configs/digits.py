@@ -56,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_clip = 1.0
 
   config.batch_size = 64  # Global, split over all devices.
+  # The gradient of a batch as the mean of this many sequential microbatches (same update, 1/k
+  # of the activations held at a time): for batches that do not fit the devices.
+  config.microbatches = 1
   config.num_train_steps = 3000  # 128 epochs.
   config.ema_decay = 0.999
   config.log_every = 100

@@ -79,6 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_clip = 1.0  # Not given; DDPM's released code clips at 1.0.
 
   config.batch_size = 2048  # ADM, Table 11.
+  # Gradient accumulation: the batch's gradient as the mean over sequential microbatches (same
+  # update, 1/k of the activations held): what lets the batch fit a small slice (docs/scaling.md).
+  config.microbatches = 1
   config.num_train_steps = 400_000  # CFG paper, Section 4.1 (ADM trained 540K).
   config.ema_decay = 0.9999  # ADM, App. I.
   config.log_every = 500

@@ -6,9 +6,12 @@
 #       --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 #   launch/tpu_vm_pod.sh --dry_run -- cfdg_jax.train ...   # prints the commands only
 #
-# Steps: (1) create the slice if it does not exist (ACCELERATOR_TYPE, RUNTIME_VERSION; SPOT=1 for
-# a preemptible one); (2) ship this repository's committed tree (git archive HEAD) to every
-# worker; (3) install requirements.txt and jax[tpu] there (SKIP_INSTALL=1 skips it); (4) run
+# Steps: (0) here, before any slice is created or used: compile the job for ACCELERATOR_TYPE with
+# python -m cfdg_jax.aot (libtpu: pip install -r requirements-tpu.txt) and stop with its message
+# when it would not fit (--skip_check skips this; CHECK_FLAGS adds flags, e.g. --fast); (1)
+# create the slice if it does not exist (ACCELERATOR_TYPE, RUNTIME_VERSION; SPOT=1 for a
+# preemptible one); (2) ship this repository's committed tree (git archive HEAD) to every worker;
+# (3) install requirements.txt and jax[tpu] there (SKIP_INSTALL=1 skips it); (4) run
 # `python3 -m MODULE FLAGS --distributed` on --worker=all (JAX finds the other workers itself)
 # and stream the output (worker 0 logs progress; the others only warnings). Keep the workdir and
 # the TFDS data dir on GCS, so that every worker reads and writes the same ones. The job ends
@@ -16,10 +19,15 @@
 set -euo pipefail
 
 dry_run=0
-if [[ "${1:-}" == "--dry_run" ]]; then dry_run=1; shift; fi
+skip_check=0
+while [[ "${1:-}" == --dry_run || "${1:-}" == --skip_check ]]; do
+  if [[ "$1" == --dry_run ]]; then dry_run=1; else skip_check=1; fi
+  shift
+done
 if [[ "${1:-}" == "--" ]]; then shift; fi
 if (($# == 0)); then
-  echo "usage: $0 [--dry_run] -- MODULE [FLAGS...], e.g. -- cfdg_jax.train --config ..." >&2
+  echo "usage: $0 [--dry_run] [--skip_check] -- MODULE [FLAGS...], e.g. -- cfdg_jax.train" \
+       "--config ..." >&2
   exit 2
 fi
 TPU_NAME="${TPU_NAME:?set TPU_NAME, the slice to create or reuse}"
@@ -51,6 +59,27 @@ remote() {  # A command line for the workers' shell, each argument quoted.
 }
 tpu=(gcloud compute tpus tpu-vm)
 where=(--zone "$ZONE")
+
+# (0) Does the job fit the slice? Its --config and --config.* flags, compiled here for it.
+declare -A check_jobs=([cfdg_jax.train]=train [cfdg_jax.evaluate]=eval)
+config=() overrides=()
+for ((i = 2; i <= $#; i++)); do
+  arg="${!i}"
+  if [[ "$arg" == --config ]]; then next=$((i + 1)); config=(--config "${!next}")
+  elif [[ "$arg" == --config=* ]]; then config=("$arg")
+  elif [[ "$arg" == --config.* ]]; then overrides+=("$arg"); fi
+done
+if ((!skip_check)) && [[ -n "${check_jobs[$1]:-}" && ${#config[@]} -gt 0 ]]; then
+  echo "# does the job fit $ACCELERATOR_TYPE? (--skip_check skips this)"
+  # shellcheck disable=SC2086  (CHECK_FLAGS: extra flags, split on spaces)
+  if ! run env -C "$(dirname "$0")/.." python3 -m cfdg_jax.aot --topology "$ACCELERATOR_TYPE" --jobs "${check_jobs[$1]}" \
+      "${config[@]}" "${overrides[@]}" ${CHECK_FLAGS:-}; then
+    echo "$0: not launched: the job does not fit $ACCELERATOR_TYPE, or the check failed (above)." >&2
+    exit 1
+  fi
+elif ((!skip_check)); then
+  echo "# no fit check: $1 without --config (python -m cfdg_jax.aot checks a config)"
+fi
 
 if ((dry_run)) || ! "${tpu[@]}" describe "$TPU_NAME" "${where[@]}" > /dev/null 2>&1; then
   echo "# if $TPU_NAME does not exist yet:"

@@ -8,6 +8,7 @@ import pathlib
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # The tests are CPU tests, libtpu installed or not.
 
 import pytest  # noqa: E402
 
@@ -23,3 +24,13 @@ def shared_data() -> pathlib.Path:
       pytest.fail(f"{SHARED_DATA} is missing; CI must run with ../shared beside the checkout.")
     pytest.skip(f"{SHARED_DATA} is absent: these tests need the offline data files.")
   return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def libtpu() -> None:
+  """XLA's TPU compiler (requirements-tpu.txt) for AOT compilation; skipped only outside CI."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  if importlib.util.find_spec("libtpu") is None:
+    if os.environ.get("CI"):
+      pytest.fail("libtpu is missing; CI installs requirements-tpu.txt.")
+    pytest.skip("libtpu is not installed (pip install -r requirements-tpu.txt).")

@@ -115,6 +115,9 @@ def test_process_and_device_layouts_train_alike_and_checkpoints_reshard(tmp_path
                              [reference[s] for s in (3, 4)], rtol=2e-5)
   assert_trees_close(restore(resumed, 4, mesh), final["1x1"], rtol=2e-4, atol=2e-6)
 
+  # Sampling takes the checkpoint's mesh: its parameters split over fsdp = 2 here too.
+  assert pipeline.load(str(tmp_path / "1x4 fsdp2")).mesh.shape == {"data": 1, "fsdp": 2}
+
   # The 2-process checkpoint samples on one device, and the same images on 2 processes × 2
   # devices with the parameters split in two (process 0 alone writing).
   pipe = pipeline.load(str(tmp_path / "2x2"), mesh=one_device_mesh())
@@ -175,12 +178,19 @@ def test_pod_and_slurm_scripts_dry_run(tmp_path):
   env = dict(os.environ, TPU_NAME="pod", ZONE="us-central2-b", ACCELERATOR_TYPE="v4-32")
   tpu = subprocess.run(["bash", str(REPO / "launch" / "tpu_vm_pod.sh"), "--dry_run", "--", *job],
                        env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+  # First, here: does the job fit the slice? Its config and overrides, compiled for v4-32.
+  assert shlex.split(tpu[1])[3:] == ["python3", "-m", "cfdg_jax.aot", "--topology", "v4-32",
+                                     "--jobs", "train", *job[1:3], *job[5:]]
   gcloud = "gcloud compute tpus tpu-vm"
-  assert tpu[1] == (f"{gcloud} create pod --zone us-central2-b --accelerator-type v4-32 "
+  assert tpu[3] == (f"{gcloud} create pod --zone us-central2-b --accelerator-type v4-32 "
                     "--version tpu-ubuntu2204-base")
   assert re.fullmatch(rf"{gcloud} scp \S+\.tar\.gz pod:cfdg_jax.tar\.gz --zone us-central2-b "
-                      "--worker=all", tpu[3])
-  assert "jax[tpu]==0.10.2" in tpu[5]
+                      "--worker=all", tpu[5])
+  assert "jax[tpu]==0.10.2" in tpu[7]
+  skipped = subprocess.run(["bash", str(REPO / "launch" / "tpu_vm_pod.sh"), "--dry_run",
+                            "--skip_check", "--", *job], env=env, capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+  assert skipped[1].startswith(f"{gcloud} create pod")
   # The last command, as the workers' shell reads it, is the job with --distributed.
   ssh = shlex.split(tpu[-1])
   assert ssh[:9] == [*gcloud.split(), "ssh", "pod", "--zone", "us-central2-b", "--worker=all"]

@@ -10,6 +10,7 @@ import sys
 import jax
 import ml_collections
 import numpy as np
+import PIL.Image
 import pytest
 from jax import monitoring
 
@@ -21,6 +22,7 @@ from cfdg_jax import samplers
 from cfdg_jax import sharding
 from cfdg_jax import trainer
 from cfdg_jax import unet
+from cfdg_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -277,6 +279,33 @@ def test_fsdp_rule_splits_the_largest_divisible_dimension():
   assert spec((4,)) == jax.sharding.PartitionSpec()  # Below fsdp_min_size.
   data_parallel = sharding.create_mesh({"data": -1, "fsdp": 1})
   assert sharding.param_spec((3, 3, 64, 128), data_parallel, 16) == jax.sharding.PartitionSpec()
+
+
+def test_a_grid_drawn_in_batches_is_the_grid_drawn_at_once(tmp_path):
+  config = tiny_config("/nonexistent")
+  job = job_lib.create_job(config, sharding.create_mesh(config.mesh))
+  state = job.init_state(jax.random.key(0))
+  params = jax.tree.map(lambda p: p + 0.05, state.ema_params)  # Not the zero output layer's 0.
+  grids = {}
+  for batch_size in (None, 6):  # 20 images: 6, 6, 6 and a padded 2.
+    config.sample.batch_size = batch_size
+    trainer._grid_writer(job, str(tmp_path), jax.random.key(1))(7, params)  # pylint: disable=protected-access
+    grids[batch_size] = np.asarray(PIL.Image.open(tmp_path / "samples_00000007.png"), int)
+  # Each image's noise is fixed by its id: a batch of another size changes float round-off only.
+  assert np.abs(grids[None] - grids[6]).max() <= 1
+
+
+def test_sampling_runs_on_the_checkpoints_mesh_unless_told(caplog):
+  from ml_collections import ConfigDict  # pylint: disable=import-outside-toplevel
+  saved = ConfigDict({"data": 1, "fsdp": -1, "fsdp_min_size": 16})
+  assert sharding.job_mesh(saved).shape == {"data": 1, "fsdp": 2}  # conftest's 2 devices.
+  assert sharding.job_mesh(saved, fsdp=1).shape == {"data": 2, "fsdp": 1}
+  # Saved on 8 devices with fsdp = 8: here it becomes fsdp = 2, and says so.
+  with caplog.at_level("WARNING"):
+    mesh = sharding.job_mesh(ConfigDict({"data": -1, "fsdp": 8, "fsdp_min_size": 16}))
+  assert mesh.shape == {"data": 1, "fsdp": 2} and "Using fsdp=2 instead" in caplog.text
+  with pytest.raises(UserError, match=r"--fsdp=3: use a divisor of the 2 devices"):
+    sharding.job_mesh(saved, fsdp=3)
 
 
 @pytest.mark.slow

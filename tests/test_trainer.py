@@ -5,11 +5,14 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from cfdg_jax import checkpointing
+from cfdg_jax import costs
 from cfdg_jax import diffusion
 from cfdg_jax import job as job_lib
+from cfdg_jax import programs
 from cfdg_jax import sharding
 from cfdg_jax import trainer
 from test_train import tiny_config
@@ -130,3 +133,44 @@ def test_restore_puts_every_field_back(job, state0, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
   mu = state.opt_state[1][0].mu  # Adam's first moment: 3 everywhere, unlike every other field.
   assert all(np.all(np.asarray(x) == 3) for x in jax.tree.leaves(mu))
+
+
+def test_microbatches_average_the_gradients_of_strided_microbatches(job, state0):
+  """k = 2: the update of the mean gradient over examples 0, 2, 4, ... and 1, 3, 5, ..., each
+  microbatch drawing its noise and dropout from its own keys; the loss is the batch's."""
+  config = job.config.copy_and_resolve_references()
+  config.microbatches = 2
+  b, rng = batch(config, seed=4), jax.random.key(3)
+  new, metrics = jax.jit(functools.partial(trainer.train_step, model=job.model, tx=job.tx,
+                                           config=config))(state0, b, rng)
+  rng_loss, rng_dropout = jax.random.split(jax.random.fold_in(rng, state0.step))
+  d = config.diffusion
+
+  def loss(params, micro, j):
+    def model_fn(z, logsnr, labels):
+      return job.model.apply({"params": params}, z, logsnr, labels, train=True,
+                             rngs={"dropout": jax.random.fold_in(rng_dropout, j)})
+    return diffusion.loss_fn(model_fn, jax.random.fold_in(rng_loss, j), micro["image"],
+                             micro["label"], p_uncond=d.p_uncond,
+                             null_label=config.data.num_classes, logsnr_min=d.logsnr_min,
+                             logsnr_max=d.logsnr_max, prediction=d.prediction).mean()
+  parts = [jax.jit(jax.value_and_grad(loss), static_argnums=2)(
+      state0.params, jax.tree.map(lambda x, j=j: x[j::2], b), j) for j in range(2)]
+  loss_value, grads = jax.tree.map(lambda a, c: (a + c) / 2, *parts)
+  updates, _ = job.tx.update(grads, state0.opt_state, state0.params)
+  expected = optax.apply_updates(state0.params, updates)
+  assert float(metrics["loss"]) == pytest.approx(float(loss_value), rel=1e-5)
+  jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-7), new.params,
+               expected)
+
+
+def test_microbatches_hold_a_fraction_of_the_activations_and_move_no_data(job):
+  temps = {}
+  for k in (1, 4):
+    config = job.config.copy_and_resolve_references()
+    config.batch_size, config.microbatches = 32, k
+    compiled = programs.train_programs(config, jax.devices())[0].lower().compile()
+    temps[k] = compiled.memory_analysis().temp_size_in_bytes
+    # Each device keeps its own examples: the gradients' all-reduce is the only collective.
+    assert set(costs.collectives(compiled.as_text())) == {"all-reduce"}
+  assert temps[4] < 0.6 * temps[1], temps

@@ -76,6 +76,9 @@ CONFIG_CASES = [
     ({"batch_size": 0}, r"config.batch_size=0 must be a positive multiple of the 2 devices "
      r"\(mesh data=2 × fsdp=1, 1 processes\) it is split over; e.g. 2"),
     ({"batch_size": 15}, r"config.batch_size=15 must be a positive multiple .* e.g. 16"),
+    ({"microbatches": 3}, r"config.microbatches=3 must divide the 8 examples per device "
+     r"\(batch_size=16 over 2 devices\), .*; e.g. one of \[1, 2, 4, 8\]"),
+    ({"microbatches": 0}, r"config.microbatches=0 must divide the 8 examples per device"),
     ({"mesh.fsdp": 3}, r"config.mesh: .* needs a device count divisible by 3, but there are 2"),
     ({"mesh.data": 2, "mesh.fsdp": 2}, r"data=2 × fsdp=2 = 4 devices, but there are 2"),
     ({"mesh.fsdp": -1}, r"config.mesh.data and config.mesh.fsdp are both -1"),
@@ -246,7 +249,7 @@ def test_bad_guidance_flags(overrides, message):
 
 @pytest.mark.parametrize("path, message", [
     ("batchsize", r"--config.batchsize: the config has no field 'batchsize'; did you mean "
-     r"--config.batch_size or --config.eval.batch_size\?"),
+     r"--config.batch_size or --config.eval.batch_size or --config.sample.batch_size\?"),
     ("p_uncond", r"did you mean --config.diffusion.p_uncond\?"),
     ("model.head_channel", r"no field 'model.head_channel'; did you mean "
      r"--config.model.head_channels"),
@@ -266,7 +269,8 @@ CLI_CASES = {
                    "error: config.batch_size=0 must be a positive multiple of the 2 devices"),
     "unknown_field": ("cfdg_jax.train", ["--config.batchsize=8"],
                       "error: --config.batchsize: the config has no field 'batchsize'; did you "
-                      "mean --config.batch_size or --config.eval.batch_size?"),
+                      "mean --config.batch_size or --config.eval.batch_size or "
+                      "--config.sample.batch_size?"),
     "bad_value": ("cfdg_jax.train", ["--config.batch_size=abc"],
                   "error: flag --config.batch_size=abc: invalid literal for int() with base 10: "
                   "'abc'; config.batch_size takes a value of type int, e.g. 64"),
@@ -274,6 +278,12 @@ CLI_CASES = {
                           "error: --workdir={workdir}/notes.txt: {workdir}/notes.txt is a file"),
     "no_such_step": ("cfdg_jax.sample", ["--step=5"],
                      "error: --step=5: {workdir} has no checkpoint at step 5; the steps are [3]"),
+    "fsdp": ("cfdg_jax.sample", ["--fsdp=3"],
+             "error: --fsdp=3: use a divisor of the 2 devices"),
+    "microbatches": ("cfdg_jax.train", ["--config.microbatches=5"],
+                     "error: config.microbatches=5 must divide the 32 examples per device"),
+    "aot_topology": ("cfdg_jax.aot", ["--config", "configs/digits.py", "--topology=v5e-3"],
+                     "error: --topology=v5e-3: use GENERATION:SHAPE"),
 }
 
 
@@ -291,7 +301,7 @@ def cli_results(tmp_path_factory):
     if module == "cfdg_jax.train":
       args = ["--config", "configs/digits.py", f"--config.data.data_dir={workdir.parent}/tfds",
               *args]
-    if not any(a.startswith("--workdir") for a in args):
+    if not any(a.startswith("--workdir") for a in args) and module != "cfdg_jax.aot":
       args.append(f"--workdir={workdir}")
     before = _snapshot(workdir)
     process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env,

@@ -41,7 +41,6 @@ from jax.experimental import multihost_utils
 from cfdg_jax import checkpointing
 from cfdg_jax import input_pipeline
 from cfdg_jax import pipeline
-from cfdg_jax import sharding
 from cfdg_jax.errors import UserError
 from cfdg_jax.eval import networks as networks_lib
 from cfdg_jax.eval import plan
@@ -119,7 +118,7 @@ class Evaluator:
   def __init__(self, workdir: str, eval_override: ml_collections.ConfigDict | None = None, *,
                step: int | None = None, sampler_specs: Sequence[str] | None = None,
                guidance_specs: Sequence[str] | None = None,
-               mesh: jax.sharding.Mesh | None = None):
+               mesh: jax.sharding.Mesh | None = None, fsdp: int | None = None):
     self.workdir = workdir
     self.override = eval_override
     self.step = step
@@ -128,7 +127,8 @@ class Evaluator:
       plan.check_eval_config(self._eval_config(None), jax.device_count())
     self.is_chief = jax.process_index() == 0
     self.eval_dir = epath.Path(workdir) / "eval"
-    self.mesh = mesh or sharding.create_mesh()
+    # None until the first checkpoint is loaded: then its config.mesh (or data × fsdp).
+    self.mesh, self.fsdp = mesh, fsdp
     self.manager = checkpointing.create_manager(workdir, read_only=True)
     self.results = self.writer = None
     if self.is_chief:
@@ -289,7 +289,8 @@ class Evaluator:
   def _pipeline(self, step: int) -> pipeline.Pipeline:
     """The checkpoint's EMA weights; checkpoints of one run share the compiled samplers."""
     if "pipeline" not in self._cache:
-      self._cache["pipeline"] = pipeline.load(self.workdir, step, mesh=self.mesh)
+      self._cache["pipeline"] = pipeline.load(self.workdir, step, mesh=self.mesh, fsdp=self.fsdp)
+      self.mesh = self._cache["pipeline"].mesh
     elif self._cache["pipeline"].step != step:
       self._cache["pipeline"] = self._cache["pipeline"].restore(step)
     return self._cache["pipeline"]
@@ -389,7 +390,8 @@ def evaluate_workdir(workdir: str, eval_override: ml_collections.ConfigDict | No
                      step: int | None = None, watch: bool = False, poll_seconds: float = 30.0,
                      sampler_specs: Sequence[str] | None = None,
                      guidance_specs: Sequence[str] | None = None,
-                     mesh: jax.sharding.Mesh | None = None) -> list[dict]:
+                     mesh: jax.sharding.Mesh | None = None,
+                     fsdp: int | None = None) -> list[dict]:
   """Evaluates `workdir`'s checkpoints (see the module docstring); returns the rows recorded.
 
   Args:
@@ -401,8 +403,8 @@ def evaluate_workdir(workdir: str, eval_override: ml_collections.ConfigDict | No
       `step`) is evaluated; without it, evaluate the checkpoints there now and return.
     poll_seconds: seconds between polls when watching.
     sampler_specs, guidance_specs: replace the eval section's samplers / guidance settings.
-    mesh: the devices to sample on (default: data parallel over all of them).
+    mesh: the devices to sample on (default: the checkpoint's config.mesh, or data × `fsdp`).
   """
   return Evaluator(workdir, eval_override, step=step, sampler_specs=sampler_specs,
-                   guidance_specs=guidance_specs, mesh=mesh).run(watch=watch,
-                                                                poll_seconds=poll_seconds)
+                   guidance_specs=guidance_specs, mesh=mesh, fsdp=fsdp).run(
+                       watch=watch, poll_seconds=poll_seconds)

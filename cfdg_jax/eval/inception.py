@@ -42,6 +42,7 @@ from flax import serialization
 from flax import traverse_util
 
 SIZE = 299  # The graph's input resolution.
+BATCH_SIZE = 50  # Images per call of the feature network (make_feature_fn).
 NUM_LOGITS = 1008
 RESIZE_METHODS = ("tf", "torch")
 
@@ -315,7 +316,8 @@ def load_params(path: str) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _forward(model: InceptionV3, variables: dict, x: jax.Array) -> dict[str, jax.Array]:
+def forward(model: InceptionV3, variables: dict, x: jax.Array) -> dict[str, jax.Array]:
+  """The network on preprocessed images [N, 299, 299, 3] (what `make_feature_fn` calls)."""
   return model.apply(variables, x)
 
 
@@ -324,7 +326,7 @@ def _preprocess(images: jax.Array, resize: str) -> jax.Array:
   return preprocess(images, resize)
 
 
-def make_feature_fn(params: dict, batch_size: int = 50,
+def make_feature_fn(params: dict, batch_size: int = BATCH_SIZE,
                     resize: str = "tf") -> Callable[[np.ndarray], dict[str, np.ndarray]]:
   """Returns fn(uint8 images [N, H, W, C]) -> {"pool": [N, 2048], "logits": [N, 1008] if present}.
 
@@ -354,7 +356,7 @@ def make_feature_fn(params: dict, batch_size: int = 50,
       n = len(batch)
       if n < batch_size:  # Pad with copies of the last image: same shapes, no recompile.
         batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, axis=0)])
-      out = _forward(model, variables, _preprocess(batch, resize))
+      out = forward(model, variables, _preprocess(batch, resize))
       outputs.append(jax.tree.map(lambda v, n=n: v[:n], out))
     return {k: np.concatenate([np.asarray(o[k]) for o in outputs]) for k in outputs[0]}
 

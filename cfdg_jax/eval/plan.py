@@ -46,10 +46,12 @@ def get_eval_config(config: ml_collections.ConfigDict | None,
 
 
 def check_eval_config(eval_config: ml_collections.ConfigDict, device_count: int,
-                      sample_config: ml_collections.ConfigDict | None = None) -> None:
+                      sample_config: ml_collections.ConfigDict | None = None, *,
+                      need_networks: bool = True) -> None:
   """Cheap checks of `config.eval`, before any data loading or compilation; raises ValueError.
 
   sample_config: the checkpoint's config.sample (default: the defaults), for the specs' fields.
+  need_networks: False accepts a section that names no metric network yet (AOT compilation).
   """
   fields = set(eval_config.keys())
   if unknown := sorted(fields - set(EVAL_FIELDS)):
@@ -58,7 +60,7 @@ def check_eval_config(eval_config: ml_collections.ConfigDict, device_count: int,
     raise UserError(f"config.eval lacks {missing}: pass the experiment's config file (e.g. "
                     "--config configs/digits.py), which defines every eval field.")
   e = eval_config
-  if not e.inception_weights and not e.classifier_dir:
+  if need_networks and not e.inception_weights and not e.classifier_dir:
     raise UserError("config.eval.inception_weights and config.eval.classifier_dir are both unset, "
                     "so there is nothing to measure: set at least one, e.g. --config "
                     "configs/digits.py --config.eval.classifier_dir=DIR (configs/digits.py says "

@@ -12,11 +12,14 @@ from cfdg_jax.samplers import core
 
 
 def _step(ctx: core.Context, i, state: core.State) -> core.State:
-  logsnr, logsnr_next = ctx.logsnrs[i], ctx.logsnrs[i + 1]
+  """Level i: the guided x̂, then z at level i + 1; at the last level, x̂ itself."""
+  last = len(ctx.logsnrs) - 1
+  logsnr, logsnr_next = ctx.logsnrs[i], ctx.logsnrs[jnp.minimum(i + 1, last)]
   x, state = ctx.denoise(state, state.z, logsnr)
   mean, _ = diffusion.posterior_mean_var(state.z, x, logsnr, logsnr_next)
   std = jnp.exp(0.5 * diffusion.sampler_log_var(logsnr, logsnr_next, ctx.fields["v"]))
-  return state.replace(z=mean + std * ctx.noise(i))
+  # The last level has no transition (its variance is 0 or NaN there, unused): the sample is x̂.
+  return state.replace(z=jnp.where(i < last, mean + std * ctx.noise(i), x))
 
 
 SAMPLER = core.Sampler(
