@@ -31,10 +31,15 @@ from cfdg_jax import unet
 class Compiler:
   """Compiles programs for one slice, `threads` at a time; identical programs (by HLO) once."""
 
+  # The least effort's peaks were up to a quarter below the default's (docs/scaling.md): a fast
+  # verdict keeps that much of the memory free.
+  FAST_HEADROOM = 0.25
+
   def __init__(self, name: str, fast: bool = False, threads: int = 1):
     self.name, self.fast, self.threads = topology.canonical(name), fast, threads
     self.devices, self.chip = topology.devices(name), topology.chip(name)
     self.usable = topology.usable_hbm(name)
+    self.limit = self.usable * (1 - self.FAST_HEADROOM if fast else 1)  # What "fits" means.
     self._cache = {}
 
   def _compile(self, program: programs.Program, lowered: jax.stages.Lowered,
@@ -67,7 +72,7 @@ class Compiler:
     report = dict(self._cache[key], argument_bytes_planned=programs.per_device_bytes(
         program.args), held_bytes=program.resident_bytes)
     report["peak_bytes"] = report["total_bytes"] + program.resident_bytes
-    report["fits"] = not report.get("out_of_memory") and report["peak_bytes"] <= self.usable
+    report["fits"] = not report.get("out_of_memory") and report["peak_bytes"] <= self.limit
     if "flops" in report:
       report["estimate"] = _estimate(program.work, report["estimate"])
     return report
@@ -169,21 +174,43 @@ def suggest(compiler: Compiler, config: ml_collections.ConfigDict, report: dict[
     result = compiler.check(candidate, failing, sample_batch)
     logging.info("%s: %s.", flags_of(overrides), "fits" if result["fits"] else "does not fit")
     if result["fits"]:
-      return overrides, result
+      return _changed(config, overrides, chips), result
     reference = dict(result, remat=overrides["model.remat"])
-  return _smaller_batches(compiler, with_overrides(config, candidates[-1]), candidates[-1],
-                          failing, sample_batch)
+  # Fewer images per call shrink what grows with them: start from the smallest fsdp whose
+  # arguments and held bytes leave at least half of the memory to it.
+  last = [c for c in candidates if c["model.remat"] == remats[-1]]
+  start = next((c for c in last if _fixed_bytes(compiler, with_overrides(config, c), failing,
+                                                sample_batch) <= compiler.limit / 2), last[-1])
+  found = _smaller_batches(compiler, with_overrides(config, start), start, failing, sample_batch)
+  return found and (_changed(config, found[0], chips), found[1])
+
+
+def _fixed_bytes(compiler, config, jobs, sample_batch) -> int:
+  """The largest planned arguments + held bytes of the jobs' programs (no compilation)."""
+  return max(programs.per_device_bytes(p.args) + p.resident_bytes
+             for p in programs.build(config, compiler.devices, jobs, sample_batch=sample_batch))
+
+
+def _changed(config, overrides, chips) -> dict[str, Any]:
+  """The overrides that change the config (the mesh fields when they change its shape)."""
+  changed = {k: v for k, v in overrides.items() if k.startswith("--") or (
+      not k.startswith("mesh.") and with_overrides(config, {})[k] != v)}
+  mesh = sharding.mesh_shape(with_overrides(config, overrides).mesh, chips)
+  if mesh != sharding.mesh_shape(config.mesh, chips):
+    changed.update({"mesh.data": -1, "mesh.fsdp": mesh[1]})
+  return changed
 
 
 def _too_big(compiler, candidate, reference, failing, sample_batch) -> bool:
-  """Whether a candidate's programs stay over the HBM if only their arguments change."""
+  """Whether a program that did not fit still would not if only its arguments and what its job
+  holds beside it changed as the candidate changes them."""
   for program in programs.build(candidate, compiler.devices, failing, sample_batch=sample_batch):
     old = reference["jobs"][program.job]["programs"][program.name]
     planned = (old["peak_bytes"] - old["argument_bytes_planned"] - old["held_bytes"]
                + programs.per_device_bytes(program.args) + program.resident_bytes)
-    if planned <= compiler.usable:
-      return False
-  return True
+    if not old["fits"] and planned > compiler.limit:
+      return True
+  return False
 
 
 def _smaller_batches(compiler, config, overrides, failing, sample_batch):
@@ -197,7 +224,7 @@ def _smaller_batches(compiler, config, overrides, failing, sample_batch):
     for job in failing:
       for name, p in result["jobs"][job]["programs"].items():
         fixed = p["argument_bytes_planned"] + p["held_bytes"]
-        factor = (p["peak_bytes"] - fixed) / max(0.9 * compiler.usable - fixed, 1.0)
+        factor = (p["peak_bytes"] - fixed) / max(0.9 * compiler.limit - fixed, 1.0)
         if not p["fits"] and (change := _fewer_images(name, config, sample_batch, factor,
                                                       len(compiler.devices))):
           changes.update(change)

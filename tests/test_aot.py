@@ -198,9 +198,9 @@ def test_digits_on_v5e_2x2_every_job(libtpu):
 
 @pytest.mark.slow
 def test_a_job_that_cannot_fit_says_so_and_suggest_finds_what_fits(libtpu):
-  # 16,384 digits per chip: the activations of the train step alone exceed a v5e chip's HBM.
+  # 65,536 digits per chip: the activations of the train step alone exceed a v5e chip's HBM.
   result, report, last = _aot("--topology=v5e:2x2", "--config", str(REPO / "configs/digits.py"),
-                              "--config.batch_size=65536", "--jobs=train", "--fast",
+                              "--config.batch_size=262144", "--jobs=train", "--fast",
                               "--suggest")
   assert result.returncode == 1, result.stderr[-3000:]
   assert not report["fits"] and not report["jobs"]["train"]["fits"]
@@ -233,7 +233,7 @@ def test_the_pod_launcher_stops_before_the_slice_when_the_job_does_not_fit(libtp
              CHECK_FLAGS="--fast")
   result = subprocess.run(
       ["bash", str(REPO / "launch" / "tpu_vm_pod.sh"), "--", "cfdg_jax.train", "--config",
-       "configs/digits.py", "--workdir", "gs://b/digits", "--config.batch_size=65536"],
+       "configs/digits.py", "--workdir", "gs://b/digits", "--config.batch_size=262144"],
       env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 1, (result.stdout[-2000:], result.stderr[-2000:])
   assert "does not fit: train needs" in result.stdout
