@@ -50,7 +50,8 @@ flags.DEFINE_bool("fast", False, "Compile with XLA's least optimisation effort: 
 flags.DEFINE_integer("threads", None, "Programs compiled at once; default: as many as the cores "
                      "and the free memory allow (one compile of imagenet64 took 17 GB here).")
 flags.DEFINE_integer("sample_batch", None, "Images per call of the sample job (the sample CLI's "
-                     "--batch_size); default: the grid of config.sample.")
+                     "--batch_size); default, as there: config.sample.batch_size, else the "
+                     "whole grid of config.sample.")
 flags.mark_flags_as_required(["config", "topology"])
 FLAGS = flags.FLAGS
 
@@ -114,7 +115,7 @@ def verdict(header: dict[str, Any], report: dict[str, Any]) -> str:
   if worst[0] == "train" and header["remat"] == "none":
     hints.append("--config.model.remat=blocks")
   hints.append({"train": "--config.microbatches=2", "eval": "a smaller --config.eval.batch_size",
-                "sample": "a smaller --sample_batch"}[worst[0]])
+                "sample": "a smaller --config.sample.batch_size"}[worst[0]])
   return (f"does not fit: {worst[0]} needs {_gib(worst[1]['peak_bytes'])} GiB per chip on "
           f"{header['topology']}, {_gib(worst[1]['peak_bytes'] - usable)} GiB over the "
           f"{_gib(usable)} GiB usable; try {' or '.join(hints)}, a larger slice, or --suggest.")

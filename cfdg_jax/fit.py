@@ -245,10 +245,12 @@ def _fewer_images(program: str, config, sample_batch, factor: float, chips: int)
     per_device, k = config.batch_size // chips, config.microbatches
     fits = [d for d in range(k + 1, per_device + 1) if not per_device % d and d >= k * factor]
     return {"microbatches": fits[0]} if fits else None
-  key, now = {"grid": ("sample.batch_size", config.sample.batch_size or _grid_size(config)),
-              "sampler": ("--sample_batch",
-                          sample_batch or config.sample.batch_size or _grid_size(config))}.get(
-                              program, ("eval.batch_size", config.eval.batch_size))
+  grid = config.sample.batch_size or _grid_size(config)
+  key, now = {"grid": ("sample.batch_size", grid),
+              # The sample CLI's --batch_size where given, else config.sample.batch_size.
+              "sampler": ("--sample_batch", sample_batch) if sample_batch else (
+                  "sample.batch_size", grid)}.get(program,
+                                                  ("eval.batch_size", config.eval.batch_size))
   fewer = int(now / factor) // chips * chips
   return {key: fewer} if chips <= fewer < now else None
 

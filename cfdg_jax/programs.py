@@ -112,8 +112,9 @@ def _sampling_job(config: ml_collections.ConfigDict, devices: Sequence[jax.Devic
 
 def sample_programs(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], *,
                     batch_size: int | None = None, fsdp: int | None = None) -> list[Program]:
-  """The sample CLI's sampler (config.sample's setting), `batch_size` images per call (default:
-  config.sample.batch_size, else the whole grid: classes × num_per_class × len(w))."""
+  """The sample CLI's sampler (config.sample's setting), `batch_size` images per call (its
+  --batch_size; default, as the CLI's: config.sample.batch_size, else the whole grid of
+  config.sample, classes × num_per_class × len(w))."""
   job, network = _sampling_job(config, devices, fsdp)
   settings = samplers.settings_from_config(config.sample.sampler)
   section = guidance.settings_from_config(config.sample.guidance)

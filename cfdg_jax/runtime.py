@@ -55,17 +55,14 @@ def cpu_devices() -> int | None:
   return 2 ** int(math.log2(max(cores, 1)))
 
 
-def skip_absent_tpu() -> None:
-  """With libtpu installed (requirements-tpu.txt, for AOT compilation) on a machine without TPU
-  chips, JAX would still try the TPU runtime first at start-up; use the CPU (or GPU) directly.
-  JAX_PLATFORMS, when set, decides instead."""
-  # pylint: disable=import-outside-toplevel
-  import importlib.util
-  from jax._src import hardware_utils
+def cpu_when_no_accelerator() -> None:
+  """On a machine with no TPU chip and no GPU, use the CPU backend directly: with libtpu or the
+  CUDA plugin installed (for AOT compilation), JAX would first try their runtimes, slower and
+  noisier. JAX_PLATFORMS, when set, decides instead."""
+  from jax._src import hardware_utils  # pylint: disable=import-outside-toplevel
   if (os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms
-      or importlib.util.find_spec("libtpu") is None
       or hardware_utils.num_available_tpu_chips_and_device_id()[0]
-      or hardware_utils.has_visible_nvidia_gpu()):
+      or hardware_utils.has_visible_nvidia_gpu() or hardware_utils.num_available_amd_gpus()):
     return
   jax.config.update("jax_platforms", "cpu")
 
@@ -74,7 +71,7 @@ def initialize() -> None:
   """Call first in main(): before anything touches a JAX device."""
   # tf.data only runs the input pipeline; keep TensorFlow off the accelerators JAX uses.
   tf.config.set_visible_devices([], "GPU")
-  skip_absent_tpu()
+  cpu_when_no_accelerator()
   explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if any(x is not None for x in explicit) and not all(x is not None for x in explicit):
     raise app.UsageError("--coordinator_address, --num_processes and --process_id go together "

@@ -29,7 +29,8 @@ flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
 flags.DEFINE_list("w", ["0", "1", "3"], "Guidance strengths w (paper convention; s = 1 + w).")
 flags.DEFINE_integer("num_per_class", 8, "Samples per class and per w.")
-flags.DEFINE_integer("batch_size", None, "Images per compiled call (default: all at once).")
+flags.DEFINE_integer("batch_size", None, "Images per compiled call (default: the checkpoint's "
+                     "config.sample.batch_size, else all at once).")
 flags.DEFINE_integer("seed", 0, "Sampling seed: the same seed gives the same images.")
 flags.DEFINE_string("out", None, "PNG grid to write (default: <workdir>/sample_<step>.png).")
 flags.DEFINE_string("npz", None, "Optional .npz of the samples, labels and w.")
@@ -84,7 +85,8 @@ def main(argv):
                f" (guide {guide.name})" if guide else "", ", ".join(f"{x:g}" for x in ws))
   samples = np.concatenate([batch for _, batch in pipe.sample_batches(
       labels, options, ids, settings=settings, seed=FLAGS.seed, guide=guide,
-      clip_x=guide_settings.clip_x, batch_size=FLAGS.batch_size, progress=True)])
+      clip_x=guide_settings.clip_x, batch_size=FLAGS.batch_size or config.sample.batch_size,
+      progress=True)])
   stats = pipe.last_stats
   logging.info("%d images in %.1f s: %d denoiser evaluations per image; %d network calls on %d "
                "examples in all (a guided step is one call on 2B examples).", labels.size,

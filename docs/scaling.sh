@@ -27,6 +27,7 @@ for row in "${rows[@]}"; do
   echo "# $name: ${command[*]}"
   start=$(date +%s)
   "${command[@]}" > "$out/$name.log" 2>&1 || true  # Exit 1: a job does not fit (in the report).
+  if ! grep -q '^{' "$out/$name.log"; then tail -3 "$out/$name.log"; exit 1; fi
   grep '^{' "$out/$name.log" | tail -1 | python -c '
 import json, sys
 report = json.load(sys.stdin)

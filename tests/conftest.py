@@ -26,11 +26,21 @@ def shared_data() -> pathlib.Path:
   return SHARED_DATA
 
 
+def _needs(module: str, requirements: str) -> None:
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  if importlib.util.find_spec(module) is None:
+    if os.environ.get("CI"):
+      pytest.fail(f"{module} is missing; CI installs {requirements}.")
+    pytest.skip(f"{module} is not installed (pip install -r {requirements}).")
+
+
 @pytest.fixture(scope="session")
 def libtpu() -> None:
-  """XLA's TPU compiler (requirements-tpu.txt) for AOT compilation; skipped only outside CI."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  if importlib.util.find_spec("libtpu") is None:
-    if os.environ.get("CI"):
-      pytest.fail("libtpu is missing; CI installs requirements-tpu.txt.")
-    pytest.skip("libtpu is not installed (pip install -r requirements-tpu.txt).")
+  """XLA's TPU compiler, for AOT compilation; skipped only outside CI."""
+  _needs("libtpu", "requirements-tpu.txt")
+
+
+@pytest.fixture(scope="session")
+def cuda_plugin() -> None:
+  """XLA's GPU compiler (the CUDA plugin), for AOT compilation; skipped only outside CI."""
+  _needs("jax_plugins.xla_cuda12", "requirements-gpu-aot.txt")

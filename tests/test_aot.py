@@ -28,7 +28,7 @@ from test_train import tiny_config
     ("v5e:4x4", "v5e:4x4"), ("v5litepod-16", "v5e:4x4"), ("v5litepod-8", "v5e:2x4"),
     ("v5litepod-1", "v5e:1x1"), ("v6e-256", "v6e:16x16"), ("v4-8", "v4:2x2x1"),
     ("v4-32", "v4:2x2x4"), ("v4-128", "v4:4x4x4"), ("v5p-256", "v5p:4x4x8"),
-    ("v4:2x2x2", "v4:2x2x2")])
+    ("v4:2x2x2", "v4:2x2x2"), ("h100:8", "h100:1x8"), ("h100:2x8", "h100:2x8")])
 def test_topology_names(name, expected):
   assert topology.canonical(name) == expected
 
@@ -238,3 +238,17 @@ def test_the_pod_launcher_stops_before_the_slice_when_the_job_does_not_fit(libtp
   assert result.returncode == 1, (result.stdout[-2000:], result.stderr[-2000:])
   assert "does not fit: train needs" in result.stdout
   assert "not launched" in result.stderr and "gcloud" not in result.stdout
+
+
+@pytest.mark.slow
+def test_digits_for_8_h100s(cuda_plugin):
+  result, report, _ = _aot("--topology=h100:8", "--config", str(REPO / "configs/digits.py"),
+                           "--jobs=train")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert report["device_kind"] == "NVIDIA H100 80GB HBM3" and report["chips"] == 8
+  # JAX's pool: 75% of the 84.9 GB the device description gives.
+  assert report["chip"]["usable_hbm_bytes"] == int(0.75 * 84942979072)
+  step = report["jobs"]["train"]["programs"]["train_step"]
+  assert step["fits"] and step["collectives"]["all-reduce"]["count"] >= 1
+  # No cost analysis for a compile-only GPU: the FLOPs are counted on CPU, the time compute-bound.
+  assert step["flops"] > 0 and step["estimate"]["hbm_s"] == 0
