@@ -132,8 +132,8 @@ def main(argv):
   if FLAGS.sample_batch is not None and FLAGS.sample_batch < 1:
     raise app.UsageError(f"--sample_batch={FLAGS.sample_batch} must be >= 1.")
   config = FLAGS.config
-  if topology.chip(FLAGS.topology).platform != "tpu":  # CPU twins count the GPU programs' FLOPs.
-    jax.config.update("jax_num_cpu_devices", math.prod(topology.parse(FLAGS.topology)[1]))
+  # As many CPU devices as chips: each program's CPU twin counts its FLOPs (fit.Compiler).
+  jax.config.update("jax_num_cpu_devices", math.prod(topology.parse(FLAGS.topology)[1]))
   compiler = fit.Compiler(FLAGS.topology, fast=FLAGS.fast,
                       threads=FLAGS.threads or fit.default_threads(config))
   # Every mistake in the config, for this slice, before anything compiles.

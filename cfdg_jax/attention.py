@@ -8,7 +8,9 @@
              of O(B·N·T²), and on a CPU they stay in the core's cache. The backward pass
              recomputes them from q, k and the saved log-sum-exp instead of storing them.
   cudnn      jax.nn.dot_product_attention's fused cuDNN kernel (GPU; bfloat16 or float16).
-  auto       cudnn on a GPU where it applies; blockwise on a CPU when T > block; else xla.
+  auto       cudnn on a GPU where it applies; blockwise on a CPU or a TPU when T > block (the
+             logits of imagenet64's 32x32 attention at 256 images per chip are 6.4 GB a layer,
+             docs/scaling.md); else xla.
 
 All compute softmax(q kᵀ / √H) v, with the logits and softmax in float32.
 Shapes: q, k, v [B, T, N, H] -> [B, T, N, H] (jax.nn.dot_product_attention's layout).
@@ -23,26 +25,29 @@ IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn")
 BLOCK = 128
 
 
-def resolve(implementation: str, tokens: int, head_channels: int, dtype) -> str:
-  """The implementation that `implementation` ("auto" or a name) means on this backend."""
+def resolve(implementation: str, tokens: int, head_channels: int, dtype,
+            platform: str | None = None) -> str:
+  """The implementation that `implementation` ("auto" or a name) means on `platform` ("cpu",
+  "tpu", "gpu" or "cuda"; None: the default backend). A program compiled ahead of time for a
+  TPU or a GPU on a CPU names its target's platform."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention={implementation!r}; use one of {IMPLEMENTATIONS}.")
   if implementation != "auto":
     return implementation
-  backend = jax.default_backend()
+  backend = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform) or jax.default_backend()
   if (backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
       and head_channels % 8 == 0 and head_channels <= 128):
     return "cudnn"
-  if backend == "cpu" and tokens > BLOCK:
+  if backend in ("cpu", "tpu") and tokens > BLOCK:
     return "blockwise"
   return "xla"
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto",
-              block: int = BLOCK) -> jax.Array:
+              block: int = BLOCK, platform: str | None = None) -> jax.Array:
   """softmax(q kᵀ / √H) v per head: q, k, v [B, T, N, H] -> [B, T, N, H] in q's dtype."""
   b, t, n, h = q.shape
-  implementation = resolve(implementation, t, h, q.dtype)
+  implementation = resolve(implementation, t, h, q.dtype, platform)
   if implementation != "blockwise":
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
   # The largest divisor of T up to `block`, so that the blocks tile the queries exactly.

@@ -73,7 +73,10 @@ class Job:
 
 def create_job(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Job:
   """The model, optimizer and sharded abstract state of `config` on `mesh` (no device memory)."""
-  model, tx = unet.create_model(config), create_optimizer(config)
+  # The mesh's platform, not the default backend's: a job compiled ahead of time for a TPU on a
+  # CPU (cfdg_jax/aot.py) computes what it would compute on the TPU.
+  model = unet.create_model(config, platform=mesh.devices.flat[0].platform)
+  tx = create_optimizer(config)
   job = Job(config, mesh, model, tx, abstract_state=None)
   # Traces the model without computing: config errors surface here, before any compilation.
   shapes = jax.eval_shape(job._init, jax.random.key(0))  # pylint: disable=protected-access

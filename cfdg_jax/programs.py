@@ -51,6 +51,12 @@ class Program:
   def lower(self) -> jax.stages.Lowered:
     return self.fn.lower(*self.args)
 
+  @property
+  def num_devices(self) -> int:
+    """Devices it runs on (all the mesh's, or one for the Inception network)."""
+    return max(len(x.sharding.device_set) for x in jax.tree.leaves(self.args)
+               if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None)
+
 
 def per_device_bytes(tree: Any) -> int:
   """Bytes of an abstract pytree's shards on its most loaded device."""

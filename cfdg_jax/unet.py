@@ -100,6 +100,7 @@ class AttentionBlock(nn.Module):
   head_channels: int
   dtype: Any = jnp.float32
   implementation: str = "auto"  # attention.IMPLEMENTATIONS: the same function, computed anyhow.
+  platform: str | None = None  # Where it runs ("auto" depends on it); None: the default backend.
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -109,7 +110,8 @@ class AttentionBlock(nn.Module):
     qkv = dense(3 * c, name="qkv")(h)
     q, k, v = (a.reshape(b, height * width, c // self.head_channels, self.head_channels)
                for a in jnp.split(qkv, 3, axis=-1))
-    h = attention_lib.attention(q, k, v, self.implementation).reshape(b, height * width, c)
+    h = attention_lib.attention(q, k, v, self.implementation, platform=self.platform)
+    h = h.reshape(b, height * width, c)
     h = dense(c, kernel_init=zeros, bias_init=zeros, name="proj_out")(h)
     return x + h.reshape(x.shape)
 
@@ -144,6 +146,7 @@ class UNet(nn.Module):
   dtype: Any = jnp.float32
   remat: str = "none"
   attention: str = "auto"
+  platform: str | None = None  # The devices' platform, for attention="auto"; None: the default.
 
   def _check(self, x, logsnr, labels) -> None:
     """Raises ValueError for a bad config or input shapes, before any parameter is built."""
@@ -209,7 +212,7 @@ class UNet(nn.Module):
       attn_block = nn.remat(AttentionBlock)
     res = functools.partial(res_block, dropout=self.dropout, dtype=self.dtype)
     attn = functools.partial(attn_block, head_channels=self.head_channels, dtype=self.dtype,
-                             implementation=self.attention)
+                             implementation=self.attention, platform=self.platform)
     size = x.shape[1]
     last = len(self.channel_mult) - 1
 
@@ -261,15 +264,16 @@ class UNet(nn.Module):
     return h.astype(jnp.float32)
 
 
-def create_model(config: ml_collections.ConfigDict) -> UNet:
-  """The UNet of a run's config: config.model, with classes and channels from config.data."""
+def create_model(config: ml_collections.ConfigDict, platform: str | None = None) -> UNet:
+  """The UNet of a run's config: config.model, with classes and channels from config.data, for
+  devices of `platform` (None: the default backend's)."""
   m = config.model
   return UNet(
       num_classes=config.data.num_classes, out_channels=config.data.channels,
       base_channels=m.base_channels, channel_mult=tuple(m.channel_mult),
       num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
       head_channels=m.head_channels, dropout=m.dropout, resblock_updown=m.resblock_updown,
-      dtype=jnp.dtype(m.dtype), remat=m.remat, attention=m.attention)
+      dtype=jnp.dtype(m.dtype), remat=m.remat, attention=m.attention, platform=platform)
 
 
 def init_params(rng: jax.Array, model: UNet, config: ml_collections.ConfigDict) -> Any:

@@ -56,6 +56,11 @@ def main(paths: list[str]) -> None:
   print(HEADER)
   for report in reports:
     print(row(report))
+  print("\nThe commands (each row's report: docs/scaling/CONFIG_SLICE.json, its log beside it):\n")
+  print("```sh")
+  for report in reports:
+    print(f"{report['command']}  # {report['seconds'] / 60:.0f} min")
+  print("```")
 
 
 if __name__ == "__main__":

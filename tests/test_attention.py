@@ -75,6 +75,12 @@ def test_auto_resolves_per_backend_and_size():
   assert attention.resolve("auto", 1024, 64, jnp.float32) == "blockwise"  # On this CPU.
   assert attention.resolve("auto", attention.BLOCK, 64, jnp.float32) == "xla"
   assert attention.resolve("cudnn", 16, 64, jnp.bfloat16) == "cudnn"
+  # The platform of the devices a program is compiled for, not the default backend's.
+  assert attention.resolve("auto", 1024, 64, jnp.bfloat16, "tpu") == "blockwise"
+  assert attention.resolve("auto", 64, 64, jnp.bfloat16, "tpu") == "xla"
+  assert attention.resolve("auto", 1024, 64, jnp.bfloat16, "gpu") == "cudnn"
+  assert attention.resolve("auto", 1024, 64, jnp.bfloat16, "cuda") == "cudnn"
+  assert attention.resolve("auto", 1024, 64, jnp.float32, "gpu") == "xla"
   with pytest.raises(ValueError, match=r"attention='flash'; use one of \('auto', 'xla'"):
     attention.resolve("flash", 16, 64, jnp.float32)
 
@@ -100,3 +106,22 @@ def test_unet_computes_the_same_function_with_each_implementation():
                block_grads, grads)
   with pytest.raises(ValueError, match="attention='flash'; use one of"):
     model.clone(attention="flash").init(jax.random.key(0), x, logsnr, labels, train=False)
+
+
+def test_unet_resolves_auto_for_the_platform_it_is_built_for():
+  """A job compiled ahead of time for a TPU or a GPU on this CPU computes what it would there."""
+  model = unet.UNet(num_classes=3, out_channels=1, base_channels=16, channel_mult=(1, 2),
+                    num_res_blocks=1, attn_resolutions=(16,), head_channels=8)
+  x = jnp.zeros((2, 16, 16, 1))  # 256 positions at 16x16: more than one block of queries.
+  logsnr, labels = jnp.zeros(2), jnp.zeros(2, jnp.int32)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, logsnr, labels,
+                                             train=False)["params"])
+
+  def full_logits(m):  # Whether the program makes the [B, N, T, T] = [2, 2, 256, 256] logits.
+    hlo = jax.jit(lambda p: m.apply({"params": p}, x, logsnr, labels, train=False)).lower(
+        params).as_text()
+    return "2x2x256x256xf32" in hlo
+  assert full_logits(model.clone(attention="xla"))
+  assert not full_logits(model.clone(attention="blockwise"))
+  assert full_logits(model.clone(platform="gpu"))  # float32: no cuDNN kernel.
+  assert not full_logits(model.clone(platform="tpu"))
