@@ -1,12 +1,15 @@
 """Orbax checkpoints of a training workdir.
 
-Each step directory <workdir>/checkpoints/<step>/ holds three items:
+Each step directory <workdir>/checkpoints/<step>/ holds four items:
   train_state  {step, params, opt_state}: what training resumes from;
   ema_params   the EMA weights, which sampling and evaluation read alone;
-  config       the run's config as JSON, so a checkpoint is self-describing.
+  config       the run's config as JSON, so a checkpoint is self-describing;
+  checksums    {train_state: {path: checksum}, ema_params: ...} (cfdg_jax/checksums.py), which
+               every restore verifies, so that a flipped bit is not restored as a weight.
 Saves are asynchronous and atomic (written to a temporary directory, then renamed), so a reader
-never sees a half-written step. A step that cannot be read (truncated, missing files) is reported
-and skipped for the newest good one. Every process calls these functions: Orbax coordinates them.
+never sees a half-written step. A step that cannot be read (truncated, missing files, arrays that
+fail their checksums) is reported and skipped for the newest good one. Every process calls these
+functions: Orbax coordinates them.
 """
 import json
 import os
@@ -22,13 +25,14 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from cfdg_jax import checksums
 from cfdg_jax import errors
 from cfdg_jax import guidance
 from cfdg_jax import job as job_lib
 from cfdg_jax import samplers
 from cfdg_jax import sharding
 
-ITEMS = ("train_state", "ema_params", "config")
+ITEMS = ("train_state", "ema_params", "config", "checksums")
 # Config fields a resumed run must share with its checkpoint (they fix the parameters), less those
 # that only say how the same parameters are computed.
 _ARCHITECTURE_FIELDS = ("model", "data.image_size", "data.channels", "data.num_classes",
@@ -58,11 +62,14 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
   Raises JobError when this or the previous save failed (a full disk, a failed write).
   """
   train_state = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+  sums = {"train_state": checksums.compute(train_state),
+          "ema_params": checksums.compute(state.ema_params)}
   try:
     return manager.save(step, args=ocp.args.Composite(
         train_state=ocp.args.StandardSave(train_state),
         ema_params=ocp.args.StandardSave(state.ema_params),
-        config=ocp.args.JsonSave(config.to_dict())), force=force)
+        config=ocp.args.JsonSave(config.to_dict()), checksums=ocp.args.JsonSave(sums)),
+                        force=force)
   except Exception as e:  # pylint: disable=broad-except
     raise _write_error(manager, e) from e
 
@@ -106,6 +113,7 @@ def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_stat
   restored = manager.restore(step, args=ocp.args.Composite(
       train_state=ocp.args.StandardRestore(target),
       ema_params=ocp.args.StandardRestore(abstract_state.ema_params)))
+  _verify(manager, step, train_state=restored.train_state, ema_params=restored.ema_params)
   return abstract_state.replace(**restored.train_state, ema_params=restored.ema_params)
 
 
@@ -113,7 +121,19 @@ def restore_ema_params(manager: ocp.CheckpointManager, step: int, abstract_param
   """Restores only the EMA parameters (the optimizer state is never read)."""
   restored = manager.restore(step, args=ocp.args.Composite(
       ema_params=ocp.args.StandardRestore(abstract_params)))
+  _verify(manager, step, ema_params=restored.ema_params)
   return restored.ema_params
+
+
+def _verify(manager: ocp.CheckpointManager, step: int, **items: Any) -> None:
+  """checksums.Mismatch unless the restored `items` are the arrays that were saved."""
+  if not (epath.Path(manager.directory) / str(step) / "checksums").exists():
+    logging.info("Checkpoint %d has no checksums (saved by an earlier version): not verified.",
+                 step)
+    return
+  saved = manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))
+  for name, tree in items.items():
+    checksums.verify(saved.checksums[name], tree, f"checkpoints/{step}/{name}")
 
 
 def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
@@ -295,7 +315,14 @@ def load_ema_params(workdir: str, mesh: jax.sharding.Mesh | None = None,
     job = job_lib.create_job(config, mesh or sharding.job_mesh(config.mesh, fsdp=fsdp))
     return job, restore_ema_params(manager, s, job.abstract_state.ema_params)
   if step is not None:
-    job, params = read(step)
+    try:
+      job, params = read(step)
+    except errors.UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise errors.JobError(
+          f"The checkpoint {epath.Path(manager.directory) / str(step)} cannot be read "
+          f"({_reason(e)}); use another step (available: {sorted(steps)}).") from e
     return job, step, params
   step, result = _newest_readable(manager, read, set_aside=False)
   if step is None:

@@ -48,6 +48,10 @@ def parse_w(values: list[str]) -> tuple[float, ...]:
   return ws
 
 
+def _default_out(step: int) -> str:
+  return str(epath.Path(FLAGS.workdir) / f"sample_{step}.png")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -58,10 +62,16 @@ def main(argv):
     raise app.UsageError("--batch_size must be at least 1.")
   overrides = sampling_flags.guidance_overrides()
   validation.check_guidance_flags(overrides)
+  if FLAGS.out is not None:
+    validation.check_output_file(FLAGS.out, "--out", ".png")
+  if FLAGS.npz is not None:
+    validation.check_output_file(FLAGS.npz, "--npz", ".npz")
   runtime.initialize()
   validation.check_fsdp_flag(FLAGS.fsdp)
   # Before anything is restored or compiled.
-  validation.check_checkpoint(FLAGS.workdir, FLAGS.step)
+  step = validation.check_checkpoint(FLAGS.workdir, FLAGS.step)
+  if FLAGS.out is None:
+    validation.check_output_file(_default_out(step), "--out", ".png")
   if overrides.get("guide_workdir"):
     validation.check_checkpoint(overrides["guide_workdir"], overrides.get("guide_step"),
                                 workdir_flag="--guide_workdir", step_flag="--guide_step")
@@ -93,7 +103,7 @@ def main(argv):
                stats["seconds"], stats["nfe"], stats["network_calls"], stats["examples"])
 
   if jax.process_index() == 0:
-    out = FLAGS.out or str(epath.Path(FLAGS.workdir) / f"sample_{pipe.step}.png")
+    out = FLAGS.out or _default_out(pipe.step)
     images.write_sample_grid(out, samples, config.data.num_classes, ws, FLAGS.num_per_class)
     logging.info("Wrote %s.", out)
     if FLAGS.npz:

@@ -1,6 +1,9 @@
 """Training: the jitted train step, and the loop around it."""
+import contextlib
 import dataclasses
 import os
+from typing import Iterator
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,6 +13,7 @@ from absl import logging
 from etils import epath
 from clu import metric_writers
 from clu import periodic_actions
+from jax.experimental import multihost_utils
 
 from cfdg_jax import checkpointing
 from cfdg_jax import diffusion
@@ -18,6 +22,7 @@ from cfdg_jax import guidance
 from cfdg_jax import images
 from cfdg_jax import input_pipeline
 from cfdg_jax import job as job_lib
+from cfdg_jax import lease as lease_lib
 from cfdg_jax import pipeline
 from cfdg_jax import preemption
 from cfdg_jax import samplers
@@ -101,12 +106,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   On SIGTERM (a preemption) every process saves at one agreed step and returns. Returns the last
   state, or None when the workdir already holds the last step. Raises UserError for a bad config
-  (before any data loading or compilation), JobError when training diverges or a checkpoint
-  cannot be written; the checkpoints already written stay intact.
+  or a workdir that another live run holds (before any data loading or compilation), JobError
+  when training diverges or a checkpoint cannot be written; the checkpoints already written stay
+  intact.
   """
   validation.check_train_config(config, workdir)
   builder = input_pipeline.get_builder(config.data)
   input_pipeline.check_data_config(config.data, builder)
+  with _held_lease(workdir) as lease:
+    return _train(config, workdir, lease)
+
+
+def _agreed(flag: bool) -> bool:
+  """Process 0's `flag`, on every process."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+@contextlib.contextmanager
+def _held_lease(workdir: str) -> Iterator[lease_lib.Lease | None]:
+  """Process 0 holds the workdir's lease (cfdg_jax/lease.py) for the run; every process fails
+  with it when another live run holds the workdir."""
+  lease, error = None, None
+  if jax.process_index() == 0:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    try:
+      lease = lease_lib.Lease(workdir).__enter__()
+    except errors.UserError as e:
+      error = e
+  if not _agreed(error is None):
+    raise error or errors.UserError(f"{workdir} is in use by another training run (process 0 "
+                                    "names it).")
+  try:
+    yield lease
+  finally:
+    if lease is not None:
+      lease.__exit__(None, None, None)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           lease: lease_lib.Lease | None) -> job_lib.TrainState | None:
   is_chief = jax.process_index() == 0
   manager = checkpointing.create_manager(workdir, save_every=config.checkpoint_every,
                                          keep=config.keep_checkpoints)
@@ -154,6 +194,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                    manager)
         pending = []
       report(step)  # Every step (clu requires it); it reports every log_every, after the sync.
+      if saving and _agreed(lease is not None and lease.lost):
+        raise errors.JobError(f"Another training run took over {workdir} (its lease "
+                              f"{lease_lib.NAME} names it); this run stopped without saving "
+                              f"step {step}.")
       if saving:
         with report.timed("checkpoint", wait_jax_async_dispatch=False):
           checkpointing.save(manager, step, state, config, force=is_last)

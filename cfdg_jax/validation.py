@@ -9,6 +9,7 @@ reads or prepares data, or writes a file: a failed check leaves the workdir as i
     check_workdir(workdir)              a directory the run can write (or create)
     check_data(data_config)             config.data against the TFDS data set's metadata
   check_checkpoint(workdir, step)       sample / evaluate: the checkpoint to load exists
+  check_output_file(path, flag, suffix) sample: a file that can be written where it is named
   check_fsdp_flag(fsdp)                 sample / evaluate: --fsdp divides the device count
   check_guidance_flags(overrides)       sample / evaluate: the guidance option flags
   check_override(config, path)          an unknown --config.<path> field, with near matches
@@ -238,6 +239,30 @@ def check_workdir(workdir: str, flag: str = "--workdir") -> None:
     what = "is not writable" if existing == path else f"cannot be created in {existing}"
     raise UserError(f"{flag}={workdir} {what}: no write permission; pass a directory you can "
                     "write.")
+
+
+def check_output_file(path: str, flag: str, suffix: str) -> None:
+  """`path` names a `suffix` file that can be written (created or replaced); creates nothing.
+
+  Cloud paths (gs://...) are not checked beyond their name: only a write would tell.
+  """
+  if path and "://" not in path and pathlib.Path(path).is_dir():
+    raise UserError(f"{flag}={path} is a directory; give a file name in it, e.g. "
+                    f"{flag}={os.path.join(path, 'samples' + suffix)}.")
+  if not path or pathlib.PurePath(path).suffix.lower() != suffix:
+    raise UserError(f"{flag}={path}: the file is written as {suffix[1:].upper()}; give a "
+                    f"{suffix} file name, e.g. {flag}=samples{suffix}.")
+  if "://" in path:
+    return
+  file = pathlib.Path(path).absolute()
+  if not file.parent.is_dir():
+    raise UserError(f"{flag}={path}: the directory {file.parent} does not exist; create it or "
+                    "write elsewhere.")
+  writable = os.access(file, os.W_OK) if file.exists() else os.access(file.parent,
+                                                                         os.W_OK | os.X_OK)
+  if not writable:
+    raise UserError(f"{flag}={path} cannot be written: no write permission on "
+                    f"{file if file.exists() else file.parent}; write elsewhere.")
 
 
 def check_checkpoint(workdir: str, step: int | None = None, *, workdir_flag: str = "--workdir",

@@ -44,3 +44,14 @@ def libtpu() -> None:
 def cuda_plugin() -> None:
   """XLA's GPU compiler (the CUDA plugin), for AOT compilation; skipped only outside CI."""
   _needs("jax_plugins.xla_cuda12", "requirements-gpu-aot.txt")
+
+
+@pytest.fixture
+def info_log(caplog):
+  """caplog, with Python's and absl's logging at INFO (whatever an earlier test left them at)."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  caplog.set_level("INFO")
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.INFO)
+  yield caplog
+  absl_logging.set_verbosity(verbosity)

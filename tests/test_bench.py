@@ -142,3 +142,21 @@ ENTRY %main.9 (a: f32[2,8]) -> f32[2] {
       "loop_fusion.7": ("reduction", "resblock"), "copy_fusion.8": ("copy", "other"),
       "all-reduce.4": ("collective", "other")}
   assert ops["dot.5"][2] == "jit(f)/UNet/up1_attn0/qkv/dot_general"
+
+
+@pytest.mark.slow
+def test_checkpoint_bench_reports_the_checksums_share(tmp_path):
+  out = tmp_path / "checkpoint.json"
+  result = subprocess.run(
+      [sys.executable, str(REPO / "bench" / "checkpoint.py"), "--config",
+       str(REPO / "configs" / "digits.py"), "--config.model.base_channels=16",
+       "--config.model.head_channels=16", "--repeats=1", f"--out={out}"],
+      cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert json.loads(result.stdout.strip().splitlines()[-1]) == report
+  for key in ("state_bytes", "checksum_first_call_s", "checksum_s", "save_s", "restore_s"):
+    assert math.isfinite(report[key]) and report[key] > 0, key
+  assert report["checksum_share_of_save"] == pytest.approx(report["checksum_s"] /
+                                                           report["save_s"])
+  assert list(tmp_path.iterdir()) == [out]  # The checkpoints went to a removed directory.

@@ -1,11 +1,11 @@
 """Preemption and resume: runs killed with SIGKILL and SIGTERM (1 and 2 processes) end bitwise where
 an uninterrupted run ends; damaged checkpoints, a diverging run and a failed write lose nothing."""
-import logging
 import os
 import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,8 +13,8 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
-from absl import logging as absl_logging
 
 from cfdg_jax import checkpointing
 from cfdg_jax import errors
@@ -132,6 +132,34 @@ def test_two_processes_resume_bitwise_after_sigkill_and_sigterm(tmp_path):
   assert_bitwise_equal(reference, workdir, STEPS)
 
 
+@pytest.mark.slow
+def test_a_second_run_on_a_held_workdir_is_refused_and_a_killed_runs_lease_taken_over(tmp_path):
+  workdir = tmp_path / "run"
+  command = [sys.executable, "-m", "cfdg_jax.train", *train_flags(tmp_path, workdir)]
+  first = Run(command)
+  first.wait_for_step(6, workdir / "checkpoints" / "5")
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+  assert second.returncode == 1, second.stderr[-3000:]
+  assert re.fullmatch(
+      rf"error: {workdir} is in use by another training run: pid {first.process.pid} on "
+      rf"{re.escape(socket.gethostname())}, started [-\d: ]+\S+ \(its lease {workdir}/lease.json "
+      r"is renewed every 15 s\)\. Stop it or wait for it to end, or use another --workdir\.",
+      second.stderr.strip().splitlines()[-1]), second.stderr[-3000:]
+  assert "Traceback" not in second.stderr and "Resuming" not in second.stderr
+
+  first.process.kill()  # SIGKILL: its lease is left behind, and its pid is gone.
+  first.finish()
+  assert (workdir / "lease.json").exists()
+  code, output = Run(command).finish()
+  assert code == 0, output[-4000:]
+  assert f"Taking over {workdir}/lease.json from a run that is gone (pid {first.process.pid}" in (
+      output)
+  assert "Resuming from step" in output
+  assert not (workdir / "lease.json").exists()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """A workdir with the checkpoints of steps 3 and 6 of a tiny run (copy it before changing it)."""
@@ -141,6 +169,13 @@ def trained(tmp_path_factory):
   return data_dir, workdir
 
 
+def copy_of(trained, tmp_path):
+  """(data_dir, a copy of the trained workdir to change)."""
+  data_dir, source = trained
+  shutil.copytree(source, tmp_path / "run")
+  return data_dir, tmp_path / "run"
+
+
 def snapshot(directory):
   """{path: (size, mtime)} of every file under `directory`."""
   return {str(p): (p.stat().st_size, p.stat().st_mtime_ns)
@@ -148,13 +183,8 @@ def snapshot(directory):
 
 
 @pytest.mark.slow
-def test_a_truncated_checkpoint_is_reported_set_aside_and_skipped(trained, tmp_path, caplog):
-  caplog.set_level(logging.INFO)
-  verbosity = absl_logging.get_verbosity()
-  absl_logging.set_verbosity(absl_logging.INFO)  # Whatever an earlier test left it at.
-  data_dir, source = trained
-  workdir = tmp_path / "run"
-  shutil.copytree(source, workdir)
+def test_a_truncated_checkpoint_is_reported_set_aside_and_skipped(trained, tmp_path, info_log):
+  data_dir, workdir = copy_of(trained, tmp_path)
   for f in (workdir / "checkpoints" / "6" / "train_state").glob("ocdbt.process_0/d/*"):
     os.truncate(f, f.stat().st_size // 2)  # The arrays' data files, as an interrupted copy.
   damaged = snapshot(workdir / "checkpoints" / "6")
@@ -163,12 +193,9 @@ def test_a_truncated_checkpoint_is_reported_set_aside_and_skipped(trained, tmp_p
   shutil.copytree(workdir / "checkpoints" / "3", half_written)
   os.truncate(next(half_written.rglob("manifest.ocdbt")), 10)
 
-  try:
-    state = trainer.train_and_evaluate(tiny_config(data_dir, num_train_steps=7), str(workdir))
-  finally:
-    absl_logging.set_verbosity(verbosity)
+  state = trainer.train_and_evaluate(tiny_config(data_dir, num_train_steps=7), str(workdir))
   assert int(state.step) == 7
-  log = caplog.text
+  log = info_log.text
   assert re.search(r"Skipping the checkpoint \S+/checkpoints/6: it cannot be read \(\S+/"
                    r"checkpoints/6/train_state/\S*: ", log), log
   assert "Resuming from step 3" in log
@@ -177,6 +204,54 @@ def test_a_truncated_checkpoint_is_reported_set_aside_and_skipped(trained, tmp_p
   assert moved.name.startswith("6.")
   assert [(os.path.relpath(p, moved), s) for p, (s, _) in snapshot(moved).items()] == [
       (os.path.relpath(p, workdir / "checkpoints" / "6"), s) for p, (s, _) in damaged.items()]
+  assert checkpoint_steps(workdir) == [3, 6, 7]
+
+
+def flip_a_bit(item_dir):
+  """Flips one bit in the middle of the largest data file of a checkpoint item (size unchanged)."""
+  data = max(item_dir.glob("ocdbt.process_0/d/*"), key=lambda f: f.stat().st_size)
+  with open(data, "r+b") as f:
+    f.seek(data.stat().st_size // 2)
+    byte = f.read(1)[0]
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte ^ 0x10]))
+
+
+def unverified_ema_params(workdir, step):
+  """What Orbax restores from a step, without the checksums' verification."""
+  manager = checkpointing.create_manager(str(workdir), read_only=True)
+  job = job_lib.create_job(checkpointing.restore_config(manager, step), one_device_mesh())
+  return jax.device_get(manager.restore(step, args=ocp.args.Composite(
+      ema_params=ocp.args.StandardRestore(job.abstract_state.ema_params))).ema_params)
+
+
+@pytest.mark.slow
+def test_a_flipped_bit_fails_its_checksum_and_the_step_is_set_aside(trained, tmp_path, info_log):
+  data_dir, workdir = copy_of(trained, tmp_path)
+  clean = unverified_ema_params(workdir, 6)
+  flip_a_bit(workdir / "checkpoints" / "6" / "ema_params")
+  flipped = unverified_ema_params(workdir, 6)
+  # The container is intact: Orbax restores the step, with one weight changed.
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(clean),
+                                                      jax.tree.leaves(flipped))]
+  assert sum(changed) == 1
+
+  # Sampling names the damaged step, or takes the newest intact one.
+  with pytest.raises(errors.JobError, match=r"^The checkpoint \S+/checkpoints/6 cannot be read "
+                     r"\(Mismatch: 1 of \d+ arrays of checkpoints/6/ema_params differ from the "
+                     r"checksums saved with them: \S+\); use another step \(available: \[3, 6\]"):
+    checkpointing.load_ema_params(str(workdir), one_device_mesh(), step=6)
+  _, step, _ = checkpointing.load_ema_params(str(workdir), one_device_mesh())
+  assert step == 3
+
+  # Training sets it aside and resumes from the step before.
+  state = trainer.train_and_evaluate(tiny_config(data_dir, num_train_steps=7), str(workdir))
+  assert int(state.step) == 7
+  assert re.search(r"Skipping the checkpoint \S+/checkpoints/6: it cannot be read \(Mismatch: "
+                   r"1 of \d+ arrays of checkpoints/6/ema_params differ", info_log.text)
+  assert "Resuming from step 3" in info_log.text
+  [moved] = (workdir / "checkpoints_damaged").iterdir()
+  assert moved.name.startswith("6.")
   assert checkpoint_steps(workdir) == [3, 6, 7]
 
 

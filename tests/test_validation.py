@@ -235,6 +235,33 @@ def test_checkpoints_to_load(workdir, tmp_path):
     validation.check_checkpoint(str(tmp_path / "empty"), hint=", or pass --watch")
 
 
+def test_output_files(workdir, monkeypatch):
+  before = _snapshot(workdir)
+  for path, flag, suffix, message in (
+      (workdir, "--out", ".png", r"--out=.*run is a directory; give a file name in it, e.g. "
+       r"--out=.*run/samples.png\.$"),
+      (workdir / "no" / "g.png", "--out", ".png", r"--out=.*run/no/g.png: the directory .*run/no"
+       r" does not exist; create it or write elsewhere"),
+      (workdir / "notes.txt" / "g.npz", "--npz", ".npz", r"the directory .*notes.txt does not "
+       "exist"),
+      (workdir / "g.jpg", "--out", ".png", r"--out=.*g.jpg: the file is written as PNG; give a "
+       r"\.png file name, e.g. --out=samples.png"),
+      ("", "--npz", ".npz", r"--npz=: the file is written as NPZ; give a \.npz file name")):
+    with pytest.raises(UserError, match=message):
+      validation.check_output_file(str(path), flag, suffix)
+  validation.check_output_file(str(workdir / "new.png"), "--out", ".png")
+  validation.check_output_file(str(workdir / "notes.txt"), "--out", ".txt")  # Replaced.
+  validation.check_output_file("gs://bucket/g.png", "--out", ".png")
+  with monkeypatch.context() as patch:
+    patch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(UserError, match=r"--out=.*run/g.png cannot be written: no write "
+                       r"permission on .*run; write elsewhere"):
+      validation.check_output_file(str(workdir / "g.png"), "--out", ".png")
+    with pytest.raises(UserError, match=r"no write permission on .*run/notes.txt;"):
+      validation.check_output_file(str(workdir / "notes.txt"), "--out", ".txt")
+  assert _snapshot(workdir) == before
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"rescale": 2.0}, r"--rescale=2.0: Guidance option rescale = \[2.0\]: φ lies in \[0, 1\]"),
     ({"interval_lo": 1.0, "interval_hi": -1.0}, r"--interval_lo=1.0 --interval_hi=-1.0: "
@@ -278,6 +305,9 @@ CLI_CASES = {
                           "error: --workdir={workdir}/notes.txt: {workdir}/notes.txt is a file"),
     "no_such_step": ("cfdg_jax.sample", ["--step=5"],
                      "error: --step=5: {workdir} has no checkpoint at step 5; the steps are [3]"),
+    "sample_out": ("cfdg_jax.sample", ["--out={workdir}/no/such/g.png"],
+                   "error: --out={workdir}/no/such/g.png: the directory {workdir}/no/such does "
+                   "not exist; create it or write elsewhere."),
     "fsdp": ("cfdg_jax.sample", ["--fsdp=3"],
              "error: --fsdp=3: use a divisor of the 2 devices"),
     "microbatches": ("cfdg_jax.train", ["--config.microbatches=5"],
