@@ -305,9 +305,12 @@ def load_ema_params(workdir: str, mesh: jax.sharding.Mesh | None = None,
   steps = manager.all_steps()
   if not steps:
     raise errors.UserError(f"No checkpoints in {checkpoint_dir(workdir)}; train first "
-                           "(python -m cfdg_jax.train) or point --workdir at a training run.")
+                           "(python -m cfdg_jax.train) or give the workdir of a training run.")
+  if step is not None and (not isinstance(step, (int, np.integer)) or isinstance(step, bool)):
+    raise errors.UserError(f"step={step!r}: give a checkpoint's step as an int (available: "
+                           f"{sorted(steps)}), or None for the newest.")
   if step is not None and step not in steps:
-    raise errors.UserError(f"--step={step}: no such checkpoint in {checkpoint_dir(workdir)}; "
+    raise errors.UserError(f"step={step}: no such checkpoint in {checkpoint_dir(workdir)}; "
                            f"available: {sorted(steps)}.")
 
   def read(s):

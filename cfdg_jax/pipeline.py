@@ -30,6 +30,7 @@ from cfdg_jax import unet
 from cfdg_jax.errors import UserError
 
 _LOG_EVERY_SECS = 30.0
+_MAX_W, _MAX_STEPS = 100.0, 10_000  # Valid beyond, but almost surely a typo: warned.
 
 
 def to_uint8(x: jnp.ndarray) -> jnp.ndarray:
@@ -186,9 +187,10 @@ class Pipeline:
     if bad := sorted(set(labels[(labels < 0) | (labels >= k)].tolist())):
       raise UserError(f"labels {bad[:5]} are not class ids of this model: use 0..{k - 1} "
                       f"({self.config.data.name}).")
+    _check_arguments(seed, batch_size, guide, settings, options)
     clip_x = self.config.sample.guidance.clip_x if clip_x is None else clip_x
     sample_fn = self.sample_fn(settings, clip_x, guide)
-    rng = jax.random.key(seed) if isinstance(seed, int) else seed
+    rng = jax.random.key(int(seed)) if _is_int(seed) else seed
     batch = self.call_size(n, batch_size)
     self.last_stats = {"sampler": settings.canonical, "nfe": samplers.get(
         settings.name).evaluations(settings.num_steps), "network_calls": 0, "examples": 0}
@@ -234,6 +236,31 @@ class Pipeline:
       self._fns[key] = make_sample_fn(self.network, self.mesh, settings, clip_x=clip_x,
                                       guide=guide.network if guide else None)
     return self._fns[key]
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_arguments(seed: Any, batch_size: Any, guide: Any, settings: samplers.Settings,
+                     options: guidance.Options) -> None:
+  """UserError for arguments of the wrong kind; a warning for values that are likely mistakes."""
+  if not _is_int(seed) and not isinstance(seed, jax.Array):
+    raise UserError(f"seed={seed!r}: give an int or a jax.random key.")
+  if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+    raise UserError(f"batch_size={batch_size!r}: give a positive int (images per call), or None "
+                    "for all at once.")
+  if guide is not None and not isinstance(guide, Pipeline):
+    raise UserError(f"guide={guide!r}: give a Pipeline, e.g. cfdg_jax.load(workdir, step=N), "
+                    "or None.")
+  w = np.asarray(options.w)
+  if np.abs(w).max(initial=0.0) > _MAX_W:
+    logging.warning("w = %g: guidance beyond %g saturates the images; the paper's w are 0.1-4.",
+                    np.abs(w).max(), _MAX_W)
+  if settings.num_steps > _MAX_STEPS:
+    logging.warning("%s: %d steps per image is far beyond what any sampler here needs (the "
+                    "paper's 256, 1,024 at most): this will take long.", settings.canonical,
+                    settings.num_steps)
 
 
 def _model_key(config: ml_collections.ConfigDict) -> str:
