@@ -11,7 +11,6 @@ never sees a half-written step. A step that cannot be read (truncated, missing f
 fail their checksums) is reported and skipped for the newest good one. Every process calls these
 functions: Orbax coordinates them.
 """
-import json
 import os
 import re
 import time
@@ -26,6 +25,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from cfdg_jax import checksums
+from cfdg_jax import config_changes
 from cfdg_jax import errors
 from cfdg_jax import guidance
 from cfdg_jax import job as job_lib
@@ -34,10 +34,9 @@ from cfdg_jax import sharding
 
 ITEMS = ("train_state", "ema_params", "config", "checksums")
 # Config fields a resumed run must share with its checkpoint (they fix the parameters), less those
-# that only say how the same parameters are computed.
+# that only say how the same parameters are computed (config_changes.HOW_COMPUTED).
 _ARCHITECTURE_FIELDS = ("model", "data.image_size", "data.channels", "data.num_classes",
                         "diffusion.prediction")
-_HOW_COMPUTED = ("model.dtype", "model.remat", "model.attention")
 _MAX_ROWS = 12  # Parameters listed when a checkpoint holds another model.
 
 
@@ -193,25 +192,16 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[prefix + key] = json.dumps(value)  # Tuples and the JSON's lists compare equal.
-  return flat
-
-
 def check_compatible(saved_config: ml_collections.ConfigDict,
                      saved_shapes: dict[str, tuple[int, ...]], job: job_lib.Job,
                      workdir: str) -> None:
   """UserError, with the differing config fields and parameters, unless a checkpoint of
   `saved_config` with `saved_shapes` holds the parameters of `job`'s model."""
-  saved, here = _flatten(saved_config.to_dict()), _flatten(job.config.to_dict())
+  saved, here = (config_changes.flatten(saved_config.to_dict()),
+                 config_changes.flatten(job.config.to_dict()))
   fields = [k for k in sorted(saved.keys() | here.keys())
             if any(k == f or k.startswith(f + ".") for f in _ARCHITECTURE_FIELDS)
-            and k not in _HOW_COMPUTED and saved.get(k) != here.get(k)]
+            and k not in config_changes.HOW_COMPUTED and saved.get(k) != here.get(k)]
   shapes = _shapes(job.abstract_state.ema_params)
   rows = [(k, saved_shapes.get(k), shapes.get(k)) for k in sorted(saved_shapes.keys() | shapes)
           if saved_shapes.get(k) != shapes.get(k)]

@@ -16,6 +16,7 @@ from clu import periodic_actions
 from jax.experimental import multihost_utils
 
 from cfdg_jax import checkpointing
+from cfdg_jax import config_changes
 from cfdg_jax import diffusion
 from cfdg_jax import errors
 from cfdg_jax import guidance
@@ -100,21 +101,22 @@ def make_train_step(job: job_lib.Job):
       out_shardings=(job.state_sharding, replicated), donate_argnums=0)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> job_lib.TrainState | None:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> job_lib.TrainState | None:
   """Trains to config.num_train_steps in `workdir`, resuming from its newest good checkpoint.
 
   On SIGTERM (a preemption) every process saves at one agreed step and returns. Returns the last
   state, or None when the workdir already holds the last step. Raises UserError for a bad config
   or a workdir that another live run holds (before any data loading or compilation), JobError
   when training diverges or a checkpoint cannot be written; the checkpoints already written stay
-  intact.
+  intact. A resume that changes the batches, the noise or the model (cfdg_jax/config_changes.py)
+  is refused unless `allow_config_change`.
   """
   validation.check_train_config(config, workdir)
   builder = input_pipeline.get_builder(config.data)
   input_pipeline.check_data_config(config.data, builder)
   with _held_lease(workdir) as lease:
-    return _train(config, workdir, lease)
+    return _train(config, workdir, lease, allow_config_change)
 
 
 def _agreed(flag: bool) -> bool:
@@ -145,8 +147,8 @@ def _held_lease(workdir: str) -> Iterator[lease_lib.Lease | None]:
       lease.__exit__(None, None, None)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str,
-           lease: lease_lib.Lease | None) -> job_lib.TrainState | None:
+def _train(config: ml_collections.ConfigDict, workdir: str, lease: lease_lib.Lease | None,
+           allow_config_change: bool) -> job_lib.TrainState | None:
   is_chief = jax.process_index() == 0
   manager = checkpointing.create_manager(workdir, save_every=config.checkpoint_every,
                                          keep=config.keep_checkpoints)
@@ -163,6 +165,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   if state is None:
     state = job.init_state(rng_init)
   else:
+    config_changes.check(checkpointing.restore_config(manager, start_step), config, start_step,
+                         workdir, allow=allow_config_change, write=is_chief)
     logging.info("Resuming from step %d in %s.", start_step, workdir)
   if is_chief:
     (epath.Path(workdir) / "config.json").write_text(config.to_json(indent=2))

@@ -1,5 +1,6 @@
 """Preemption and resume: runs killed with SIGKILL and SIGTERM (1 and 2 processes) end bitwise where
 an uninterrupted run ends; damaged checkpoints, a diverging run and a failed write lose nothing."""
+import json
 import os
 import re
 import shlex
@@ -253,6 +254,39 @@ def test_a_flipped_bit_fails_its_checksum_and_the_step_is_set_aside(trained, tmp
   [moved] = (workdir / "checkpoints_damaged").iterdir()
   assert moved.name.startswith("6.")
   assert checkpoint_steps(workdir) == [3, 6, 7]
+
+
+@pytest.mark.slow
+def test_a_resume_that_changes_the_run_is_refused_and_other_changes_are_recorded(
+    trained, tmp_path, info_log):
+  data_dir, workdir = copy_of(trained, tmp_path)
+  before = snapshot(workdir)
+  changed = tiny_config(data_dir, num_train_steps=7, batch_size=8, seed=1)
+  with pytest.raises(errors.UserError) as refusal:
+    trainer.train_and_evaluate(changed, str(workdir))
+  assert re.fullmatch(
+      rf"{workdir} was trained to step 6 with another config; these fields decide the batches, "
+      r"the noise or the model, so resuming would silently make another run:\n"
+      r"  field +checkpoint +this run\n"
+      r"  config.batch_size +16 +8\n"
+      r"  config.seed +0 +1\n"
+      r"Resume with the checkpoint's values \(<workdir>/config.json\), use a new --workdir, or "
+      r"pass --allow_config_change to resume with these changes\.", str(refusal.value))
+  assert snapshot(workdir) == before  # Nothing written, config.json included.
+
+  # Allowed: it resumes, and each change is logged and recorded with its step.
+  trainer.train_and_evaluate(changed, str(workdir), allow_config_change=True)
+  assert "Resuming from step 6 with config.batch_size = 8 (the checkpoint's: 16)." in (
+      info_log.text)
+  # The learning rate does not change the batches or the noise: recorded, not refused.
+  faster = tiny_config(data_dir, num_train_steps=8, batch_size=8, seed=1,
+                       **{"optimizer.learning_rate": 1e-3})
+  assert int(trainer.train_and_evaluate(faster, str(workdir)).step) == 8
+  rows = [json.loads(line) for line in (workdir / "config_changes.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["field"], r["checkpoint"], r["now"]) for r in rows] == [
+      (6, "batch_size", 16, 8), (6, "num_train_steps", 6, 7), (6, "seed", 0, 1),
+      (7, "num_train_steps", 7, 8), (7, "optimizer.learning_rate",
+                                     changed.optimizer.learning_rate, 1e-3)]
 
 
 @pytest.mark.slow
