@@ -213,6 +213,14 @@ def check_data(data_config: ml_collections.ConfigDict) -> None:
   if manual_dir and not builder.is_prepared() and not epath.Path(manual_dir).is_dir():
     raise UserError(f"config.data.manual_dir={manual_dir!r} is not a directory; give the one "
                     f"that holds {name!r}'s original files.")
+  if not builder.is_prepared() and "://" not in str(builder.data_dir):
+    existing = pathlib.Path(builder.data_dir)
+    while not existing.exists():  # Where preparing would create its first folder.
+      existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+      raise UserError(f"config.data.data_dir={data_config.data_dir!r}: {name!r} is not prepared "
+                      f"there, and preparing it needs write permission on {existing}; give a "
+                      "data_dir you can write, or one where it is prepared.")
   input_pipeline.check_data_config(data_config, builder)
 
 

@@ -173,6 +173,18 @@ def test_manual_dir_of_data_not_yet_prepared(tmp_path):
   assert not (tmp_path / "tfds").exists()
 
 
+def test_a_data_dir_that_cannot_be_written_and_is_not_prepared(tmp_path, prepared_dir,
+                                                                monkeypatch):
+  # Root writes anywhere; the check asks os.access, as a user without the permission would.
+  monkeypatch.setattr(os, "access", lambda path, mode: False)
+  config = _config(str(tmp_path / "tfds"))
+  with pytest.raises(UserError, match=rf"^config.data.data_dir='{tmp_path}/tfds': 'digits' is "
+                     rf"not prepared there, and preparing it needs write permission on "
+                     rf"{tmp_path}; give a data_dir you can write, or one where it is prepared"):
+    validation.check_data(config.data)
+  validation.check_data(_config(prepared_dir).data)  # Prepared: only read.
+
+
 def _snapshot(root: pathlib.Path) -> dict[str, tuple[int, int]]:
   """{path: (mtime, size)} of everything under root, root included."""
   return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size)
