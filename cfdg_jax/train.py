@@ -18,6 +18,9 @@ from cfdg_jax import trainer
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and sample grids.")
+flags.DEFINE_float("hang_timeout", None, "Seconds without a completed step after which every "
+                   "process logs its Python stacks and exits with status 75, for the launcher "
+                   "to restart the run (default: 10x the median step, at least 600).")
 flags.DEFINE_bool("allow_config_change", False, "Resume even though the config changes the "
                   "batches, the noise or the model (seed, batch_size, data, diffusion).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -27,9 +30,13 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.hang_timeout is not None and FLAGS.hang_timeout <= 0:
+    raise app.UsageError(f"--hang_timeout={FLAGS.hang_timeout}: give seconds > 0, or leave it "
+                         "out for 10x the median step (at least 600).")
   runtime.initialize()
   trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir,
-                             allow_config_change=FLAGS.allow_config_change)
+                             allow_config_change=FLAGS.allow_config_change,
+                             hang_timeout_s=FLAGS.hang_timeout)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from cfdg_jax import samplers
 from cfdg_jax import sharding
 from cfdg_jax import unet
 from cfdg_jax import validation
+from cfdg_jax import watchdog
 
 def train_step(state: job_lib.TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                model: unet.UNet, tx: optax.GradientTransformation,
@@ -102,7 +103,8 @@ def make_train_step(job: job_lib.Job):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       allow_config_change: bool = False) -> job_lib.TrainState | None:
+                       allow_config_change: bool = False,
+                       hang_timeout_s: float | None = None) -> job_lib.TrainState | None:
   """Trains to config.num_train_steps in `workdir`, resuming from its newest good checkpoint.
 
   On SIGTERM (a preemption) every process saves at one agreed step and returns. Returns the last
@@ -110,13 +112,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   or a workdir that another live run holds (before any data loading or compilation), JobError
   when training diverges or a checkpoint cannot be written; the checkpoints already written stay
   intact. A resume that changes the batches, the noise or the model (cfdg_jax/config_changes.py)
-  is refused unless `allow_config_change`.
+  is refused unless `allow_config_change`. A step that hangs (cfdg_jax/watchdog.py: for
+  `hang_timeout_s`, default 10x the median step and at least 10 minutes) ends the process with
+  watchdog.EXIT_CODE.
   """
   validation.check_train_config(config, workdir)
   builder = input_pipeline.get_builder(config.data)
   input_pipeline.check_data_config(config.data, builder)
   with _held_lease(workdir) as lease:
-    return _train(config, workdir, lease, allow_config_change)
+    return _train(config, workdir, lease, allow_config_change, hang_timeout_s)
 
 
 def _agreed(flag: bool) -> bool:
@@ -148,7 +152,8 @@ def _held_lease(workdir: str) -> Iterator[lease_lib.Lease | None]:
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, lease: lease_lib.Lease | None,
-           allow_config_change: bool) -> job_lib.TrainState | None:
+           allow_config_change: bool, hang_timeout_s: float | None
+           ) -> job_lib.TrainState | None:
   is_chief = jax.process_index() == 0
   manager = checkpointing.create_manager(workdir, save_every=config.checkpoint_every,
                                          keep=config.keep_checkpoints)
@@ -184,7 +189,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, lease: lease_lib.Lea
   report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer,
                                            every_steps=config.log_every, every_secs=None)
   pending, nonfinite = [], 0
-  with preemption.Watcher() as watcher:
+  with preemption.Watcher() as watcher, watchdog.Watchdog(hang_timeout_s) as dog:
     for step in range(start_step + 1, config.num_train_steps + 1):
       batch = sharding.shard_batch(next(train_iter), mesh)
       state, metrics = step_fn(state, batch, rng_train)
@@ -198,6 +203,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, lease: lease_lib.Lea
                                    manager)
         pending = []
       report(step)  # Every step (clu requires it); it reports every log_every, after the sync.
+      dog.tick(step)
       if saving and _agreed(lease is not None and lease.lost):
         raise errors.JobError(f"Another training run took over {workdir} (its lease "
                               f"{lease_lib.NAME} names it); this run stopped without saving "
@@ -211,7 +217,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, lease: lease_lib.Lea
                         "command again to resume.", step, workdir)
         break
       if step % config.sample_every == 0 or step == config.num_train_steps:
-        with report.timed("sample"):
+        with report.timed("sample"), dog.paused():  # Its first call compiles.
           write_grid(step, state.ema_params)
   checkpointing.wait_until_finished(manager)
   writer.flush()

@@ -18,6 +18,7 @@ from cfdg_jax import checkpointing
 from cfdg_jax import job as job_lib
 from cfdg_jax import pipeline
 from cfdg_jax import sharding
+from cfdg_jax import watchdog
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCHER = str(REPO / "launch" / "local.py")
@@ -166,6 +167,34 @@ def test_launcher_stops_every_process_when_one_fails(tmp_path):
   assert launcher.returncode != 0 and time.monotonic() - start < 30
   assert "process 1 exited with -9" in rest
   for pid in pids:  # Reaped by the launcher, so no pid of the job is left.
+    with pytest.raises(ProcessLookupError):
+      os.kill(pid, 0)
+
+
+@pytest.mark.slow
+def test_a_stopped_process_hangs_the_step_and_the_watchdog_ends_the_job(tmp_path):
+  launcher = subprocess.Popen(
+      [sys.executable, LAUNCHER, "--num_processes=2", "--devices_per_process=1", "--",
+       "cfdg_jax.train", *tiny_flags(tmp_path, tmp_path / "hung", steps=100000),
+       "--hang_timeout=20"],
+      cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+  first = launcher.stdout.readline()
+  pids = [int(p) for p in re.search(r"pids \[([\d, ]+)\]", first).group(1).split(",")]
+  for line in launcher.stdout:  # Wait until the job trains, then stop one of its processes.
+    if re.search(r"steps_per_sec|steps/s", line):
+      break
+  else:
+    pytest.fail("The job ended before it trained.")
+  os.kill(pids[1], signal.SIGSTOP)  # Alive, but its peer waits for it in every collective.
+  rest = launcher.communicate(timeout=300)[0]
+  assert launcher.returncode == watchdog.EXIT_CODE, rest[-4000:]
+  assert re.search(r"^\S+ .*\] No training step has completed for \d+ s \(timeout 20 s\): "
+                   r"step \d+ was the last", rest, re.M), rest[-4000:]
+  assert re.search(r"^(Thread|Current thread) 0x[0-9a-f]+ \(most recent call first\):\n"
+                   r"  File ", rest, re.M), rest[-4000:]  # Process 0's Python stacks.
+  assert f"process 0 exited with {watchdog.EXIT_CODE}" in rest
+  for pid in pids:  # The stopped process too: killed and reaped by the launcher.
     with pytest.raises(ProcessLookupError):
       os.kill(pid, 0)
 
