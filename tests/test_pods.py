@@ -148,19 +148,23 @@ def test_misconfigured_mesh_fails_before_compiling(tmp_path):
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
-def test_launcher_stops_every_process_when_one_fails(tmp_path):
+def training_launcher(workdir, *flags):
+  """(launch/local.py running a 2-process training job that has started training, its pids)."""
   launcher = subprocess.Popen(
       [sys.executable, LAUNCHER, "--num_processes=2", "--devices_per_process=1", "--",
-       "cfdg_jax.train", *tiny_flags(tmp_path, tmp_path / "killed", steps=100000)],
+       "cfdg_jax.train", *tiny_flags(workdir.parent, workdir, steps=100000), *flags],
       cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True)
   first = launcher.stdout.readline()
   pids = [int(p) for p in re.search(r"pids \[([\d, ]+)\]", first).group(1).split(",")]
-  for line in launcher.stdout:  # Wait until the job trains, then kill one of its processes.
+  for line in launcher.stdout:
     if re.search(r"steps_per_sec|steps/s", line):
-      break
-  else:
-    pytest.fail("The job ended before it trained.")
+      return launcher, pids
+  pytest.fail("The job ended before it trained.")
+
+
+def test_launcher_stops_every_process_when_one_fails(tmp_path):
+  launcher, pids = training_launcher(tmp_path / "killed")
   os.kill(pids[1], signal.SIGKILL)
   start = time.monotonic()
   rest = launcher.communicate(timeout=60)[0]
@@ -173,19 +177,7 @@ def test_launcher_stops_every_process_when_one_fails(tmp_path):
 
 @pytest.mark.slow
 def test_a_stopped_process_hangs_the_step_and_the_watchdog_ends_the_job(tmp_path):
-  launcher = subprocess.Popen(
-      [sys.executable, LAUNCHER, "--num_processes=2", "--devices_per_process=1", "--",
-       "cfdg_jax.train", *tiny_flags(tmp_path, tmp_path / "hung", steps=100000),
-       "--hang_timeout=20"],
-      cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True)
-  first = launcher.stdout.readline()
-  pids = [int(p) for p in re.search(r"pids \[([\d, ]+)\]", first).group(1).split(",")]
-  for line in launcher.stdout:  # Wait until the job trains, then stop one of its processes.
-    if re.search(r"steps_per_sec|steps/s", line):
-      break
-  else:
-    pytest.fail("The job ended before it trained.")
+  launcher, pids = training_launcher(tmp_path / "hung", "--hang_timeout=20")
   os.kill(pids[1], signal.SIGSTOP)  # Alive, but its peer waits for it in every collective.
   rest = launcher.communicate(timeout=300)[0]
   assert launcher.returncode == watchdog.EXIT_CODE, rest[-4000:]
