@@ -8,8 +8,8 @@ Each process runs `python -m <module> <flags> --coordinator_address=localhost:PO
 job sees N×M devices, exactly the code paths of a pod (jax.distributed, per-process data,
 collectives, checkpoints). Process 0's output is streamed as it is, the others' prefixed with
 "[i] ". If any process fails, the others are stopped (SIGTERM, then SIGKILL) and the launcher
-exits with the failing process's code. SIGTERM or Ctrl-C to the launcher is passed on to every
-process, as a pod's preemption notice reaches every host: training saves a checkpoint at a step
+exits with the failing process's code. SIGTERM, SIGHUP (a closed terminal) or Ctrl-C to the
+launcher is passed on to every process as SIGTERM, as a pod's preemption notice reaches every host: training saves a checkpoint at a step
 the processes agree on and exits 0 (a second Ctrl-C, or --grace_seconds, kills them). No process
 is left behind.
 """
@@ -24,12 +24,21 @@ import sys
 import time
 
 _GRACE_SECONDS = 5.0  # Between SIGTERM and SIGKILL: a process stuck in a collective ignores TERM.
-_signals = []  # Signals the launcher received (SIGTERM, SIGINT), handled by run()'s loop.
+_signals = []  # Signals the launcher received (SIGTERM, SIGHUP, SIGINT), handled by run()'s loop.
 
 
 def _record(signum, frame):
   del frame
   _signals.append(signum)
+
+
+def port_is_free(port: int) -> bool:
+  with socket.socket() as s:
+    try:
+      s.bind(("localhost", port))
+    except OSError:
+      return False
+  return True
 
 
 def free_port() -> int:
@@ -150,9 +159,12 @@ def main() -> int:
   for name in ("num_processes", "devices_per_process"):
     if getattr(args, name) < 1:
       parser.error(f"--{name}={getattr(args, name)}: use a positive integer.")
-  # Ctrl-C and TERM reach the launcher alone (the processes have their own sessions).
-  signal.signal(signal.SIGTERM, _record)
-  signal.signal(signal.SIGINT, _record)
+  if args.port is not None and not port_is_free(args.port):
+    parser.error(f"--port={args.port} is in use on localhost; give another, or leave --port out "
+                 "for a free one.")
+  # Ctrl-C, TERM and HUP reach the launcher alone (the processes have their own sessions).
+  for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+    signal.signal(sig, _record)
   return run(command[0], command[1:], args.num_processes, args.devices_per_process,
              args.port or free_port(), args.grace_seconds)
 

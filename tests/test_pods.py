@@ -6,6 +6,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -189,6 +190,21 @@ def test_a_stopped_process_hangs_the_step_and_the_watchdog_ends_the_job(tmp_path
   for pid in pids:  # The stopped process too: killed and reaped by the launcher.
     with pytest.raises(ProcessLookupError):
       os.kill(pid, 0)
+
+
+def test_a_port_in_use_is_one_line(tmp_path):
+  with socket.socket() as taken:
+    taken.bind(("localhost", 0))
+    port = taken.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, LAUNCHER, f"--port={port}", "--", "cfdg_jax.train",
+         *tiny_flags(tmp_path, tmp_path / "run")], cwd=REPO, capture_output=True, text=True,
+        timeout=60)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].endswith(
+      f"error: --port={port} is in use on localhost; give another, or leave --port out for a "
+      "free one.")
+  assert not (tmp_path / "run").exists()
 
 
 def test_pod_and_slurm_scripts_dry_run(tmp_path):

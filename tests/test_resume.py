@@ -68,11 +68,11 @@ def checkpoint_steps(workdir):
   return sorted(checkpointing.create_manager(str(workdir), read_only=True).all_steps())
 
 
-def preempt(command, workdir):
-  """Runs `command` (a training run), sends it SIGTERM after step 16; returns the step it saved."""
+def preempt(command, workdir, sig=signal.SIGTERM):
+  """Runs `command` (a training run), sends it `sig` after step 16; returns the step it saved."""
   run = Run(command)
   run.wait_for_step(16)
-  run.process.send_signal(signal.SIGTERM)
+  run.process.send_signal(sig)
   code, output = run.finish()
   assert code == 0, output[-4000:]
   preempted = int(re.search(r"Preempted: the checkpoint of step (\d+) is committed", output)[1])
@@ -125,8 +125,9 @@ def test_two_processes_resume_bitwise_after_sigkill_and_sigterm(tmp_path):
     with pytest.raises(ProcessLookupError):
       os.kill(pid, 0)
 
-  # A pod's preemption notice: SIGTERM to the launcher reaches both processes.
-  preempted = preempt([*launcher, *train_flags(tmp_path, workdir)], workdir)
+  # A closed terminal: SIGHUP to the launcher reaches both processes as SIGTERM, as a pod's
+  # preemption notice does (launch/local.py treats SIGTERM, SIGHUP and Ctrl-C alike).
+  preempted = preempt([*launcher, *train_flags(tmp_path, workdir)], workdir, signal.SIGHUP)
 
   output = launch(2, 1, *train_flags(tmp_path, workdir))
   assert f"Resuming from step {preempted}" in output
