@@ -12,6 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cfdg_jax.errors import UserError
@@ -52,8 +53,12 @@ def create_mesh(mesh_config: ml_collections.ConfigDict | None = None,
   devices = jax.devices() if devices is None else list(devices)
   shape = (mesh_shape(mesh_config, len(devices)) if mesh_config is not None
            else (len(devices), 1))
-  return jax.make_mesh(shape, BATCH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                       devices=devices)
+  axis_types = (jax.sharding.AxisType.Auto,) * 2
+  try:
+    return jax.make_mesh(shape, BATCH_AXES, axis_types=axis_types, devices=devices)
+  except NotImplementedError:  # E.g. fsdp = 8 on a 16x16 torus: each axis must be whole axes.
+    return Mesh(mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True),
+                BATCH_AXES, axis_types=axis_types)
 
 
 def job_mesh(mesh_config: ml_collections.ConfigDict, *, fsdp: int | None = None,

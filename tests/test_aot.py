@@ -159,6 +159,17 @@ def test_jobs_for_a_tpu_are_built_for_the_tpu(libtpu):
   assert job_lib.create_job(config, mesh).model.platform == "tpu"
 
 
+@pytest.mark.parametrize("name", ["v6e:16x16", "v4:4x8x8"])
+def test_a_pod_mesh_of_eight_chip_fsdp_groups_on_a_large_torus(libtpu, name):
+  """fsdp = 8 on 16x16 chips splits a physical axis of 16, which jax.make_mesh refuses."""
+  mesh = sharding.create_mesh({"data": -1, "fsdp": 8}, topology.devices(name))
+  assert dict(mesh.shape) == {"data": 32, "fsdp": 8}
+  assert sorted(d.id for d in mesh.devices.flat) == list(range(256))
+  for group in mesh.devices:  # Each fsdp group: 8 neighbouring chips along one axis.
+    coords = np.array([d.coords for d in group])
+    assert (coords != coords[0]).any(axis=0).sum() == 1
+
+
 def _same_abstract(abstract, real):
   spec = lambda x: (x.shape, x.dtype, x.sharding.spec if hasattr(x.sharding, "spec") else None)
   assert jax.tree.map(spec, abstract) == jax.tree.map(spec, real)
