@@ -19,9 +19,10 @@ def _peak(job: dict) -> str:
   return f"{job['peak_bytes'] / GIB:.1f}{' ✗' if over else ''}"
 
 
-def _setting(report: dict, flags: str = "") -> str:
-  base = f"fsdp {report['mesh']['fsdp']}, remat {report['remat']}"
-  return f"{base}; {flags}" if flags else base
+def _setting(report: dict) -> str:
+  mesh = report["mesh"]
+  data = f"data {mesh['data']} × " if mesh["data"] > 1 else ""
+  return f"{data}fsdp {mesh['fsdp']}, remat {report['remat']}"
 
 
 def row(report: dict) -> str:
