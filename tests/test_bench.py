@@ -62,18 +62,24 @@ def test_peak_reports_each_shape_and_the_best_of_each_kind(tmp_path):
       report["peak"]["conv3x3_float32"] / report["peak"]["matmul_float32"])
 
 
-@pytest.mark.slow
-def test_train_bench_reports_every_key(tmp_path):
-  out = tmp_path / "train.json"
+def run_digits_bench(tmp_path, script, *flags):
+  """The JSON report of bench/`script` on a small digits model (also its last stdout line)."""
+  out = tmp_path / f"{script}.json"
   result = subprocess.run(
-      [sys.executable, str(REPO / "bench" / "train.py"), "--config",
-       str(REPO / "configs" / "digits.py"), "--config.batch_size=8",
-       "--config.model.base_channels=16", "--config.model.head_channels=16", "--steps=2",
-       "--warmup=1", "--peak_scale=0.02", "--peak_batch=1", f"--out={out}"],
+      [sys.executable, str(REPO / "bench" / script), "--config",
+       str(REPO / "configs" / "digits.py"), "--config.model.base_channels=16",
+       "--config.model.head_channels=16", *flags, f"--out={out}"],
       cwd=tmp_path, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out.read_text())
   assert json.loads(result.stdout.strip().splitlines()[-1]) == report
+  return report
+
+
+@pytest.mark.slow
+def test_train_bench_reports_every_key(tmp_path):
+  report = run_digits_bench(tmp_path, "train.py", "--config.batch_size=8", "--steps=2",
+                            "--warmup=1", "--peak_scale=0.02", "--peak_batch=1")
   for key in ("images_per_s", "compile_s", "flops_per_step", "achieved_flops", "mfu",
               "peak_memory_bytes", "params"):
     assert math.isfinite(report[key]) and report[key] > 0, key
@@ -146,17 +152,10 @@ ENTRY %main.9 (a: f32[2,8]) -> f32[2] {
 
 @pytest.mark.slow
 def test_checkpoint_bench_reports_the_checksums_share(tmp_path):
-  out = tmp_path / "checkpoint.json"
-  result = subprocess.run(
-      [sys.executable, str(REPO / "bench" / "checkpoint.py"), "--config",
-       str(REPO / "configs" / "digits.py"), "--config.model.base_channels=16",
-       "--config.model.head_channels=16", "--repeats=1", f"--out={out}"],
-      cwd=tmp_path, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(out.read_text())
-  assert json.loads(result.stdout.strip().splitlines()[-1]) == report
+  report = run_digits_bench(tmp_path, "checkpoint.py", "--repeats=1")
   for key in ("state_bytes", "checksum_first_call_s", "checksum_s", "save_s", "restore_s"):
     assert math.isfinite(report[key]) and report[key] > 0, key
   assert report["checksum_share_of_save"] == pytest.approx(report["checksum_s"] /
                                                            report["save_s"])
-  assert list(tmp_path.iterdir()) == [out]  # The checkpoints went to a removed directory.
+  # The checkpoints went to a directory that is removed.
+  assert list(tmp_path.iterdir()) == [tmp_path / "checkpoint.py.json"]
