@@ -63,8 +63,8 @@ def test_a_dead_run_on_this_host_is_taken_over_at_once(tmp_path, caplog):
 def test_a_pid_reused_by_another_process_does_not_hold_a_stale_lease(tmp_path):
   write_lease(tmp_path, host=lease_lib.socket.gethostname(), pid=os.getppid(),
               renewed=time.time() - 600)
-  with lease_lib.Lease(str(tmp_path), stale_s=120):
-    pass
+  with lease_lib.Lease(str(tmp_path), stale_s=120) as lease:
+    assert json.loads((tmp_path / lease_lib.NAME).read_text())["id"] == lease.mine["id"]
 
 
 def test_another_host_is_watched_for_renewals(tmp_path):
