@@ -319,7 +319,8 @@ def test_a_failed_write_is_reported_and_earlier_checkpoints_stay_intact(trained,
   before = snapshot(workdir / "checkpoints")
 
   flags = [*(f for f in tiny_flags(tmp_path, workdir, steps=9) if "data_dir" not in f),
-           f"--config.data.data_dir={data_dir}", "--config.checkpoint_every=3"]
+           f"--config.data.data_dir={data_dir}", "--config.checkpoint_every=3",
+           "--config.batch_size=16"]  # as `trained` was: a changed batch would be refused
   # Files may not grow beyond 200 kB: a bigger write fails (EFBIG), as on a full disk.
   small_disk = f"ulimit -f 200; trap '' XFSZ; exec {shlex.quote(sys.executable)} \"$@\""
   result = subprocess.run(["bash", "-c", small_disk, "bash", "-m", "cfdg_jax.train", *flags],
