@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 
 # Registers the project's own builders (`digits`) with TFDS.
 from cfdg_jax import datasets  # pylint: disable=unused-import
+from cfdg_jax.errors import JobError
 from cfdg_jax.errors import UserError
 
 _FILE_FORMAT = tfds.core.FileFormat.ARRAY_RECORD
@@ -191,6 +192,21 @@ def prepare_image(image: np.ndarray, size: int) -> np.ndarray:
   return out.reshape(size, size, channels)
 
 
+def _read_record(source: Sequence[dict], index: int) -> dict:
+  """source[index]; a damaged data file (array_record's RuntimeError) is a JobError naming it."""
+  try:
+    return source[index]
+  except RuntimeError as e:
+    try:  # The file that holds the record: array_record's own bookkeeping, when it has it.
+      records = source.data_source  # pytype: disable=attribute-error
+      path = records._paths[records._reader_idx_and_position(index)[0]]  # pylint: disable=protected-access
+    except Exception:  # pylint: disable=broad-except
+      path = "a file of the prepared data set"
+    raise JobError(f"{path} is damaged: example {index} cannot be read "
+                   f"({str(e).splitlines()[0]}). Delete {os.path.dirname(path) or 'that directory'} "
+                   "and run again: the data set is prepared afresh from its source files.") from e
+
+
 def _read_examples(
     source: Sequence[dict],
     indices: np.ndarray,
@@ -204,7 +220,7 @@ def _read_examples(
   """
 
   def read_chunk(chunk):
-    examples = [source[int(i)] for i in chunk]
+    examples = [_read_record(source, int(i)) for i in chunk]
     return (
         [prepare_image(e["image"], size) for e in examples],
         [e["label"] for e in examples],

@@ -104,9 +104,11 @@ def _run_main(main: Callable[[list[str]], Any], argv: list[str]) -> Any:
     return main(argv)
   except (errors.UserError, errors.JobError, app.UsageError) as e:
     _exit_with_error(str(e), FLAGS.traceback)
+  except KeyboardInterrupt:  # Ctrl-C outside training (which saves first: preemption.py).
+    _exit_with_error("Interrupted (Ctrl-C).", FLAGS.traceback, status=130)
 
 
-def _exit_with_error(message: str, show_traceback: bool) -> None:
+def _exit_with_error(message: str, show_traceback: bool, status: int = 1) -> None:
   if show_traceback:
     traceback.print_exc()
   sys.stdout.flush()
@@ -115,7 +117,7 @@ def _exit_with_error(message: str, show_traceback: bool) -> None:
   sys.stderr.flush()
   # Not sys.exit: at exit, Orbax's and asyncio's failed background writes would print their
   # own tracebacks after the message.
-  os._exit(1)  # pylint: disable=protected-access
+  os._exit(status)  # pylint: disable=protected-access
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -2,7 +2,7 @@
 import contextlib
 import dataclasses
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +107,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        hang_timeout_s: float | None = None) -> job_lib.TrainState | None:
   """Trains to config.num_train_steps in `workdir`, resuming from its newest good checkpoint.
 
-  On SIGTERM (a preemption) every process saves at one agreed step and returns. Returns the last
+  On SIGTERM (a preemption) or Ctrl-C every process saves at one agreed step and returns, within
+  a step (a sample grid in progress is abandoned); before the first step, or on a second signal,
+  the process ends at once (cfdg_jax/preemption.py). Returns the last
   state, or None when the workdir already holds the last step. Raises UserError for a bad config
   or a workdir that another live run holds (before any data loading or compilation), JobError
   when training diverges or a checkpoint cannot be written; the checkpoints already written stay
@@ -119,8 +121,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   validation.check_train_config(config, workdir)
   builder = input_pipeline.get_builder(config.data)
   input_pipeline.check_data_config(config.data, builder)
-  with _held_lease(workdir) as lease:
-    return _train(config, workdir, lease, allow_config_change, hang_timeout_s)
+  with preemption.Watcher() as watcher, _held_lease(workdir) as lease:
+    return _train(config, workdir, lease, watcher, allow_config_change, hang_timeout_s)
 
 
 def _agreed(flag: bool) -> bool:
@@ -152,7 +154,7 @@ def _held_lease(workdir: str) -> Iterator[lease_lib.Lease | None]:
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, lease: lease_lib.Lease | None,
-           allow_config_change: bool, hang_timeout_s: float | None
+           watcher: preemption.Watcher, allow_config_change: bool, hang_timeout_s: float | None
            ) -> job_lib.TrainState | None:
   is_chief = jax.process_index() == 0
   manager = checkpointing.create_manager(workdir, save_every=config.checkpoint_every,
@@ -189,36 +191,48 @@ def _train(config: ml_collections.ConfigDict, workdir: str, lease: lease_lib.Lea
   report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer,
                                            every_steps=config.log_every, every_secs=None)
   pending, nonfinite = [], 0
-  with preemption.Watcher() as watcher, watchdog.Watchdog(hang_timeout_s) as dog:
+
+  def save(step: int, force: bool) -> None:
+    nonlocal pending, nonfinite
+    if pending:  # A non-finite step stops the run here, before its state is written.
+      nonfinite = _write_metrics(writer, step, jax.device_get(pending), nonfinite, config,
+                                 manager)
+      pending = []
+    if _agreed(lease is not None and lease.lost):
+      raise errors.JobError(f"Another training run took over {workdir} (its lease "
+                            f"{lease_lib.NAME} names it); this run stopped without saving "
+                            f"step {step}.")
+    with report.timed("checkpoint", wait_jax_async_dispatch=False):
+      checkpointing.save(manager, step, state, config, force=force)
+
+  with watchdog.Watchdog(hang_timeout_s) as dog:
     for step in range(start_step + 1, config.num_train_steps + 1):
       batch = sharding.shard_batch(next(train_iter), mesh)
       state, metrics = step_fn(state, batch, rng_train)
       pending.append(metrics)  # Device arrays: fetched (a host sync) only when logged or saved.
-      preempted = watcher.reached(step)
-      is_last = step == config.num_train_steps or preempted
+      stopping = watcher.reached()
+      is_last = step == config.num_train_steps or stopping
       saving = step % config.checkpoint_every == 0 or is_last
       if step % config.log_every == 0 or saving:
-        # Before any save: a non-finite step stops the run here, before its state is written.
         nonfinite = _write_metrics(writer, step, jax.device_get(pending), nonfinite, config,
                                    manager)
         pending = []
       report(step)  # Every step (clu requires it); it reports every log_every, after the sync.
       dog.tick(step)
-      if saving and _agreed(lease is not None and lease.lost):
-        raise errors.JobError(f"Another training run took over {workdir} (its lease "
-                              f"{lease_lib.NAME} names it); this run stopped without saving "
-                              f"step {step}.")
       if saving:
-        with report.timed("checkpoint", wait_jax_async_dispatch=False):
-          checkpointing.save(manager, step, state, config, force=is_last)
-      if preempted:
-        checkpointing.wait_until_finished(manager)
-        logging.warning("Preempted: the checkpoint of step %d is committed in %s; run the same "
-                        "command again to resume.", step, workdir)
-        break
-      if step % config.sample_every == 0 or step == config.num_train_steps:
+        save(step, force=is_last)
+      if not stopping and (step % config.sample_every == 0 or step == config.num_train_steps):
         with report.timed("sample"), dog.paused():  # Its first call compiles.
-          write_grid(step, state.ema_params)
+          # A stop request abandons the grid between two of its calls, and this step is saved.
+          stopping = not write_grid(step, state.ema_params, abandon=watcher.reached)
+        if stopping and not saving:
+          save(step, force=True)
+      if stopping:
+        checkpointing.wait_until_finished(manager)
+        logging.warning("Stopped on request (%s): the checkpoint of step %d is committed in %s; "
+                        "run the same command again to resume.",
+                        watcher.signal or "a preemption notice", step, workdir)
+        break
   checkpointing.wait_until_finished(manager)
   writer.flush()
   return state
@@ -270,7 +284,8 @@ def grid_sampler(job: job_lib.Job):
 
 
 def _grid_writer(job: job_lib.Job, workdir: str, rng: jax.Array):
-  """write(step, ema_params): the sample grid of config.sample, as <workdir>/samples_<step>.png.
+  """write(step, ema_params, abandon) -> whether it wrote the sample grid of config.sample, as
+  <workdir>/samples_<step>.png; it stops early when `abandon()`, asked between two calls, is True.
 
   The same draws every time, so successive grids show the model's progress.
   """
@@ -278,15 +293,23 @@ def _grid_writer(job: job_lib.Job, workdir: str, rng: jax.Array):
   pipe, settings, clip_x, labels, options, ids = grid_sampler(job)
   sweep = tuple(config.sample.w)
 
-  def write(step: int, ema_params) -> None:
+  def write(step: int, ema_params, abandon: Callable[[], bool] = lambda: False) -> bool:
     batches = dataclasses.replace(pipe, params=ema_params).sample_batches(
         labels, options, ids, settings=settings, seed=rng, clip_x=clip_x,
         batch_size=config.sample.batch_size)
-    samples = np.concatenate([part for _, part in batches])
+    parts = []
+    for _, part in batches:
+      parts.append(part)
+      if len(parts) * len(part) < len(labels) and abandon():
+        logging.warning("The sample grid of step %d was abandoned after %d of %d images.", step,
+                        len(parts) * len(part), len(labels))
+        return False
+    samples = np.concatenate(parts)
     if jax.process_index() == 0:
       path = os.path.join(workdir, f"samples_{step:08d}.png")
       images.write_sample_grid(path, samples, config.data.num_classes, sweep,
                                config.sample.num_per_class)
       logging.info("Wrote %s (EMA samples, w = %s, %s).", path,
                    ", ".join(f"{x:g}" for x in sweep), settings.canonical)
+    return True
   return write

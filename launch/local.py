@@ -9,9 +9,9 @@ job sees N×M devices, exactly the code paths of a pod (jax.distributed, per-pro
 collectives, checkpoints). Process 0's output is streamed as it is, the others' prefixed with
 "[i] ". If any process fails, the others are stopped (SIGTERM, then SIGKILL) and the launcher
 exits with the failing process's code. SIGTERM, SIGHUP (a closed terminal) or Ctrl-C to the
-launcher is passed on to every process as SIGTERM, as a pod's preemption notice reaches every host: training saves a checkpoint at a step
-the processes agree on and exits 0 (a second Ctrl-C, or --grace_seconds, kills them). No process
-is left behind.
+launcher is passed on to every process as SIGTERM, as a pod's preemption notice reaches every
+host: training saves a checkpoint at a step the processes agree on and exits 0 (a second Ctrl-C,
+or --grace_seconds, kills them). No process is left behind.
 """
 import argparse
 import os

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cfdg_jax import input_pipeline
+from cfdg_jax.errors import UserError
 from cfdg_jax.eval import classifier
 
 _CONFIG_PATH = pathlib.Path(__file__).resolve().parents[1] / "configs" / "digits.py"
@@ -158,7 +159,7 @@ def test_classifier_fn_rejects_bad_images(trained, images):
 
 
 def test_load_without_classifier_names_the_command(tmp_path):
-  with pytest.raises(FileNotFoundError, match="python -m cfdg_jax.eval.train_classifier"):
+  with pytest.raises(UserError, match="python -m cfdg_jax.eval.train_classifier"):
     classifier.load(str(tmp_path))
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 from cfdg_jax import guidance
 from cfdg_jax import samplers
 from cfdg_jax import sharding
+from cfdg_jax.errors import UserError
 from cfdg_jax.eval import evaluator
 from cfdg_jax.eval import metrics
 from cfdg_jax.eval import networks
@@ -192,6 +193,42 @@ def test_compute_metrics_does_the_reference_work_once(tmp_path, monkeypatch):
             for images in points] == want
     # The reference's covariance and k-NN radii once; each point's own at every point.
     assert calls == {"_sqrt_eigh": 1 + len(points), "_knn_radii_sq": 1 + len(points)}
+
+
+def test_a_damaged_reference_cache_is_set_aside_and_computed_again(tmp_path, info_log,
+                                                                   monkeypatch):
+  net = networks.Network("", lambda x: {"pool": x.reshape(len(x), -1) / 255.0}, "pool", False,
+                         "inception", "aa", {})
+  images = np.random.default_rng(0).integers(0, 256, (20, 4, 4, 1), np.uint8)
+  path = epath.Path(tmp_path) / "reference_digits.npz"
+  want = networks.load_or_compute_reference(path, net, lambda: images)
+  path.write_bytes(path.read_bytes()[:300])  # Truncated, as by a full disk.
+  again = networks.load_or_compute_reference(path, net, lambda: images)
+  np.testing.assert_array_equal(again["sigma"], want["sigma"])
+  assert (tmp_path / "reference_digits.npz.damaged").stat().st_size == 300
+  assert f"The reference statistics {path} cannot be read" in info_log.text
+  path.write_bytes(b"not a zip")
+
+  def read_only(self, target):  # A shared, read-only cache (root may write anywhere).
+    raise PermissionError(13, "Permission denied", str(self))
+  monkeypatch.setattr(type(path), "rename", read_only)
+  with pytest.raises(UserError, match=rf"{path} cannot be read .* nor moved aside .*: delete "
+                     "the file, or set config.eval.reference_cache"):
+    networks.load_or_compute_reference(path, net, lambda: images)
+
+
+def test_metric_networks_that_cannot_be_loaded_name_their_field(tmp_path):
+  foreign = tmp_path / "inception.msgpack"
+  foreign.write_bytes(np.random.default_rng(0).bytes(4000))
+  with pytest.raises(UserError, match=rf"^config.eval.inception_weights='{foreign}': {foreign} "
+                     "is not a msgpack weights file"):
+    networks.checked("inception_weights", str(foreign),
+                     lambda: networks.inception_network(str(foreign)))
+  missing = tmp_path / "no_classifier"
+  with pytest.raises(UserError, match=rf"^config.eval.classifier_dir='{missing}': No such file or "
+                     rf"directory \({missing}/classifier.msgpack\). Fix the path, or train one"):
+    networks.checked("classifier_dir", str(missing),
+                     lambda: networks.classifier_digest(str(missing)))
 
 
 def test_plots(tmp_path):

@@ -229,8 +229,16 @@ def test_command_line(watched_run, tmp_path):
   assert bad_step.returncode != 0 and "--step=0: checkpoint steps are positive" in bad_step.stderr
   no_sampler = _run_cli("--workdir", str(tmp_path), "--steps", "4")
   assert no_sampler.returncode != 0 and "need --sampler NAME" in no_sampler.stderr
-  # The tiny sweep again, from the config file and flags: every row is there, nothing to do.
+  # Foreign bytes as Inception weights: one line naming the field, before anything is sampled.
+  (tmp_path / "inception.msgpack").write_bytes(np.random.default_rng(0).bytes(4000))
   workdir, config, _, _ = watched_run
+  foreign = _run_cli("--workdir", workdir, "--config", "configs/digits.py",
+                     f"--config.eval.inception_weights={tmp_path / 'inception.msgpack'}")
+  assert foreign.returncode == 1 and foreign.stderr.splitlines()[-1].startswith(
+      f"error: config.eval.inception_weights='{tmp_path / 'inception.msgpack'}': "
+      f"{tmp_path / 'inception.msgpack'} is not a msgpack weights file"), foreign.stderr[-3000:]
+  assert "Sampling" not in foreign.stderr
+  # The tiny sweep again, from the config file and flags: every row is there, nothing to do.
   before = _read_rows(workdir)
   flags = [f"--config.eval.{k}={v}" for k, v in TINY_EVAL.items() if k != "samplers"]
   again = _run_cli("--workdir", workdir, "--config", "configs/digits.py", *flags,

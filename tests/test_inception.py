@@ -12,6 +12,7 @@ import pytest
 import threadpoolctl
 from PIL import Image
 
+from cfdg_jax.errors import UserError
 from cfdg_jax.eval import inception
 from cfdg_jax.eval import metrics
 
@@ -178,7 +179,7 @@ def test_converter_rejects_unknown_files(torch, converter, tmp_path):
   torch.save({"encoder.weight": torch.zeros(3)}, other)
   with pytest.raises(ValueError, match="has neither pytorch-fid's names"):
     converter.convert(str(other), str(tmp_path / "out.msgpack"))
-  with pytest.raises(FileNotFoundError, match="convert_inception"):
+  with pytest.raises(UserError, match="convert_inception"):
     inception.load_params(tmp_path / "missing.msgpack")
   with pytest.raises(ValueError, match="not a msgpack weights file|Not FID Inception variables"):
     inception.load_params(junk)
@@ -288,6 +289,33 @@ def test_logits_are_pool3_times_fc_kernel(pytorch_fid_state, pytorch_fid_weights
 
 # The fid command line.
 
+def test_fid_inputs_are_checked_before_any_inception_pass(tmp_path):
+  from cfdg_jax.eval import fid  # pylint: disable=g-import-not-at-top  (defines absl flags)
+  stats, images = tmp_path / "stats.npz", tmp_path / "images.npz"
+  np.savez(stats, mu=np.zeros(4), sigma=np.eye(4))
+  np.savez(images, images=np.zeros((3, 8, 8, 1), np.uint8))
+  (tmp_path / "random.npz").write_bytes(np.random.default_rng(0).bytes(5000))
+  (tmp_path / "truncated.npz").write_bytes(images.read_bytes()[:300])
+  np.savez(tmp_path / "floats.npz", images=np.zeros((3, 8, 8, 3), np.float32))
+  np.savez(tmp_path / "other.npz", mu=np.zeros(8), sigma=np.eye(8))
+  cases = {
+      "random.npz": r"random.npz is not a readable .npz file \(not a zip archive\)",
+      "truncated.npz": r"truncated.npz is not a readable .npz file \(BadZipFile",
+      "missing.npz": r"missing.npz: No such file or directory",
+      "floats.npz": r"floats.npz: images float32 \(3, 8, 8, 3\); expected uint8",
+      "other.npz": r"hold statistics of 8- and 4-d features"}
+  for name, message in cases.items():
+    with pytest.raises(UserError, match=message):
+      fid.compute_fid(str(tmp_path / name), str(stats), None)
+  with pytest.raises(UserError, match="--weights is required"):
+    fid.compute_fid(str(images), str(stats), None)
+  with pytest.raises(UserError, match="not a msgpack weights file"):
+    fid.compute_fid(str(images), str(stats), str(tmp_path / "random.npz"))
+  with pytest.raises(UserError, match="--save_stats=.*/no/such/a.npz: the directory"):
+    fid.compute_fid(str(stats), str(stats), None, save_stats=str(tmp_path / "no/such/a.npz"))
+  assert fid.compute_fid(str(stats), str(stats), None) == pytest.approx(0.0, abs=1e-9)
+
+
 @pytest.mark.slow
 def test_fid_end_to_end(weights, digits, tmp_path):
   from cfdg_jax.eval import fid  # pylint: disable=g-import-not-at-top  (defines absl flags)
@@ -310,5 +338,5 @@ def test_fid_end_to_end(weights, digits, tmp_path):
                         str(tmp_path / "b_stats.npz")], cwd=REPO, capture_output=True, text=True, check=True,
                        env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
   assert float(run.stdout.split("FID:")[1]) == pytest.approx(value, rel=1e-5)
-  with pytest.raises(ValueError, match="--weights is required"):
+  with pytest.raises(UserError, match="--weights is required"):
     fid.compute_fid(str(a), str(tmp_path / "b_stats.npz"), None)

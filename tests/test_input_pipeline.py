@@ -3,6 +3,7 @@
 import collections
 import importlib.util
 import pathlib
+import shutil
 import threading
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from sklearn import datasets as sk_datasets
 import tensorflow_datasets as tfds
 
+from cfdg_jax import errors
 from cfdg_jax import input_pipeline
 
 _CONFIG_PATH = (
@@ -275,6 +277,21 @@ def test_read_split_reads_in_stored_order(digits_builder):
   np.testing.assert_array_equal(
       np.concatenate([images for images, _ in first]),
       np.stack([input_pipeline.prepare_image(e["image"], 16) for e in stored[:150]]))
+
+
+def test_a_damaged_data_file_is_named_with_how_to_rebuild_it(digits_builder, data_dir, tmp_path):
+  shutil.copytree(data_dir, tmp_path / "tfds")
+  (path,) = (tmp_path / "tfds").glob("digits/*/digits-test.array_record-*")
+  damaged = bytearray(path.read_bytes())
+  middle = slice(len(damaged) // 3, len(damaged) // 3 + 64)
+  damaged[middle] = bytes(b ^ 0xFF for b in damaged[middle])  # Size unchanged.
+  path.write_bytes(damaged)
+  config = _default_data_config()
+  config.data_dir = str(tmp_path / "tfds")
+  with pytest.raises(errors.JobError, match=rf"^{path} is damaged: example \d+ cannot be read "
+                     rf"\(Corrupted .*\)\. Delete {path.parent} and run again: the data set is "
+                     "prepared afresh"):
+    list(input_pipeline.read_split(input_pipeline.get_builder(config), "test", 8))
 
 
 def _next_within(iterator, seconds):

@@ -75,7 +75,8 @@ def preempt(command, workdir, sig=signal.SIGTERM):
   run.process.send_signal(sig)
   code, output = run.finish()
   assert code == 0, output[-4000:]
-  preempted = int(re.search(r"Preempted: the checkpoint of step (\d+) is committed", output)[1])
+  preempted = int(re.search(r"Stopped on request \([^)]+\): the checkpoint of step (\d+) is "
+                            r"committed", output)[1])
   assert 16 <= preempted < STEPS and preempted in checkpoint_steps(workdir)
   return preempted
 

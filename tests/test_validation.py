@@ -324,6 +324,8 @@ CLI_CASES = {
              "error: --fsdp=3: use a divisor of the 2 devices"),
     "microbatches": ("cfdg_jax.train", ["--config.microbatches=5"],
                      "error: config.microbatches=5 must divide the 32 examples per device"),
+    "fid_input": ("cfdg_jax.eval.fid", ["{workdir}/notes.txt", "{workdir}/notes.txt"],
+                  "error: {workdir}/notes.txt is not a readable .npz file (not a zip archive)"),
     "aot_topology": ("cfdg_jax.aot", ["--config", "configs/digits.py", "--topology=v5e-3"],
                      "error: --topology=v5e-3: use GENERATION:SHAPE"),
 }
@@ -343,7 +345,8 @@ def cli_results(tmp_path_factory):
     if module == "cfdg_jax.train":
       args = ["--config", "configs/digits.py", f"--config.data.data_dir={workdir.parent}/tfds",
               *args]
-    if not any(a.startswith("--workdir") for a in args) and module != "cfdg_jax.aot":
+    if not any(a.startswith("--workdir") for a in args) and module in (
+        "cfdg_jax.train", "cfdg_jax.sample"):
       args.append(f"--workdir={workdir}")
     before = _snapshot(workdir)
     process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env,

@@ -40,6 +40,7 @@ from flax import serialization
 from flax import traverse_util
 
 from cfdg_jax import input_pipeline
+from cfdg_jax.errors import UserError
 
 FEATURE_DIM = 128  # Width of the penultimate "features" layer.
 WEIGHTS_FILE = "classifier.msgpack"
@@ -180,7 +181,7 @@ def _apply(model: Classifier, variables: dict, images: jax.Array) -> dict[str, j
 def _check_metadata(metadata: dict, source: str) -> None:
   missing = [k for k in _METADATA_FIELDS if k not in metadata]
   if missing:
-    raise ValueError(f"{source} lacks the classifier metadata {missing}; re-create it with "
+    raise UserError(f"{source} lacks the classifier metadata {missing}; re-create it with "
                      "python -m cfdg_jax.eval.train_classifier.")
 
 
@@ -341,23 +342,27 @@ def load(out_dir: str) -> tuple[dict, dict]:
   out = epath.Path(out_dir)
   weights_path, metadata_path = out / WEIGHTS_FILE, out / METADATA_FILE
   if not (weights_path.exists() and metadata_path.exists()):
-    raise FileNotFoundError(
+    raise UserError(
         f"No trained classifier in {out} (expected {WEIGHTS_FILE} and {METADATA_FILE}). Create it "
         "with: python -m cfdg_jax.eval.train_classifier --config configs/DATASET.py"
         f" --out_dir {out}")
-  metadata = json.loads(metadata_path.read_text())
+  try:
+    metadata = json.loads(metadata_path.read_text())
+  except ValueError as e:
+    raise UserError(f"{metadata_path} is not JSON ({e}); re-create it with "
+                    "python -m cfdg_jax.eval.train_classifier.") from e
   _check_metadata(metadata, str(metadata_path))
   try:
     variables = serialization.msgpack_restore(weights_path.read_bytes())
   except Exception as e:  # msgpack raises several unrelated types on foreign files.
-    raise ValueError(f"{weights_path} is not a msgpack weights file ({e}); re-create it with "
+    raise UserError(f"{weights_path} is not a msgpack weights file ({e}); re-create it with "
                      "python -m cfdg_jax.eval.train_classifier.") from e
   expected = _expected_shapes(metadata)
   got = traverse_util.flatten_dict(variables) if isinstance(variables, dict) else {}
   bad = sorted("/".join(k) for k in expected.keys() | got.keys()
                if k not in expected or k not in got or np.shape(got[k]) != expected[k])
   if bad:
-    raise ValueError(f"{weights_path} does not fit the classifier that {metadata_path} describes "
+    raise UserError(f"{weights_path} does not fit the classifier that {metadata_path} describes "
                      f"({len(bad)} mismatched entries, e.g. {bad[:3]}); re-create it with "
                      "python -m cfdg_jax.eval.train_classifier.")
   return variables, metadata

@@ -227,8 +227,8 @@ class Evaluator:
     plan.check_eval_config(eval_config, jax.device_count(), config.sample)
     points = plan.resolve_guides(plan.plan_points(eval_config, config.sample), plan.newest_step)
     # Everything that can fail on bad input happens before the networks and the sampler compile.
-    builder = self._reference_builder(config.data, eval_config.reference_split)
     networks = self._networks(eval_config, config.data) if self.is_chief else []
+    builder = self._reference_builder(config.data, eval_config.reference_split)
     identity = {n.name: n.digest for n in networks}
     points = self._pending(step, points, eval_config, identity)
     if not points:
@@ -368,15 +368,15 @@ class Evaluator:
     networks = []
     if eval_config.inception_weights:
       path = eval_config.inception_weights
-      networks.append(self._cached(
+      networks.append(networks_lib.checked("inception_weights", path, lambda: self._cached(
           ("inception", path, networks_lib.weights_digest(path)),
-          lambda: networks_lib.inception_network(path)))
+          lambda: networks_lib.inception_network(path))))
     if eval_config.classifier_dir:
       directory = eval_config.classifier_dir
-      networks.append(self._cached(
+      networks.append(networks_lib.checked("classifier_dir", directory, lambda: self._cached(
           ("classifier", directory, networks_lib.classifier_digest(directory),
            data_config.to_json(sort_keys=True)),
-          lambda: networks_lib.classifier_network(directory, data_config)))
+          lambda: networks_lib.classifier_network(directory, data_config))))
     return networks
 
   def _write_scalars(self, step: int, row: Mapping[str, Any]) -> None:

@@ -41,6 +41,8 @@ from etils import epath
 from flax import serialization
 from flax import traverse_util
 
+from cfdg_jax.errors import UserError
+
 SIZE = 299  # The graph's input resolution.
 BATCH_SIZE = 50  # Images per call of the feature network (make_feature_fn).
 NUM_LOGITS = 1008
@@ -278,10 +280,10 @@ def _expected_shapes(include_logits: bool) -> dict[tuple[str, ...], tuple[int, .
 
 
 def check_variables(variables: dict) -> None:
-  """Raises ValueError unless `variables` has exactly the FID Inception's names, shapes and dtype."""
+  """Raises UserError (a ValueError) unless `variables` has exactly the FID Inception's names, shapes and dtype."""
   if not isinstance(variables, dict) or set(variables) != {"params", "batch_stats"}:
     found = sorted(variables) if isinstance(variables, dict) else type(variables).__name__
-    raise ValueError(f"Not FID Inception variables (expected keys params and batch_stats; got {found}). "
+    raise UserError(f"Not FID Inception variables (expected keys params and batch_stats; got {found}). "
                      "Create them with python -m cfdg_jax.eval.convert_inception SRC OUT.")
   expected = _expected_shapes("fc" in variables["params"])
   got = traverse_util.flatten_dict(variables)
@@ -289,7 +291,7 @@ def check_variables(variables: dict) -> None:
                if k not in expected or k not in got or np.shape(got[k]) != expected[k]
                or np.asarray(got[k]).dtype != np.float32)
   if bad:
-    raise ValueError(f"Inception variables do not match the FID Inception-v3 (float32) at {len(bad)} "
+    raise UserError(f"Inception variables do not match the FID Inception-v3 (float32) at {len(bad)} "
                      f"entries, e.g. {bad[:3]}. Re-create them with "
                      "python -m cfdg_jax.eval.convert_inception SRC OUT.")
 
@@ -304,12 +306,12 @@ def load_params(path: str) -> dict:
   """Reads a file written by `convert_inception`: {"params": ..., "batch_stats": ...}."""
   path = epath.Path(path)
   if not path.exists():
-    raise FileNotFoundError(f"No Inception weights at {path}. Convert pytorch-fid's .pth or an NVlabs "
+    raise UserError(f"No Inception weights at {path}. Convert pytorch-fid's .pth or an NVlabs "
                             "TorchScript detector with python -m cfdg_jax.eval.convert_inception SRC OUT.")
   try:
     variables = serialization.msgpack_restore(path.read_bytes())
   except Exception as e:  # msgpack raises several unrelated types on foreign files.
-    raise ValueError(f"{path} is not a msgpack weights file ({e}); convert the PyTorch weights with "
+    raise UserError(f"{path} is not a msgpack weights file ({e}); convert the PyTorch weights with "
                      "python -m cfdg_jax.eval.convert_inception SRC OUT.") from e
   check_variables(variables)
   return variables

@@ -9,7 +9,8 @@ import hashlib
 import io
 import re
 import time
-from typing import Callable, Mapping, Sequence
+import zipfile
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -18,6 +19,7 @@ from absl import logging
 from etils import epath
 
 from cfdg_jax import input_pipeline
+from cfdg_jax.errors import UserError
 from cfdg_jax.eval import classifier
 from cfdg_jax.eval import inception
 from cfdg_jax.eval import metrics
@@ -62,13 +64,31 @@ def classifier_network(classifier_dir: str, data_config: ml_collections.ConfigDi
   expected = {"dataset": data_config.name, "image_size": data_config.image_size,
               "channels": data_config.channels, "num_classes": data_config.num_classes}
   if got := {k: meta.get(k) for k in expected if meta.get(k) != expected[k]}:
-    raise ValueError(f"config.eval.classifier_dir={classifier_dir} holds a classifier for {got}, "
+    raise UserError(f"config.eval.classifier_dir={classifier_dir} holds a classifier for {got}, "
                      f"but the checkpoint's model makes {expected}: point it at a classifier of "
                      "this data set (python -m cfdg_jax.eval.train_classifier trains one).")
   return Network("classifier_", fn, "features", True, "classifier",
                  classifier_digest(classifier_dir),
                  {"classifier_dir": classifier_dir,
                   "classifier_test_accuracy": float(meta["test_accuracy"])})
+
+
+MAKE_NETWORK = {
+    "inception_weights": "convert the FID Inception with python -m "
+                         "cfdg_jax.eval.convert_inception SRC OUT",
+    "classifier_dir": "train one with python -m cfdg_jax.eval.train_classifier --config CONFIG "
+                      "--out_dir DIR"}
+
+
+def checked(field: str, value: str, load: Callable[[], Any]) -> Any:
+  """load(); a missing, unreadable or foreign file is one UserError naming config.eval.<field>."""
+  try:
+    return load()
+  except OSError as e:
+    raise UserError(f"config.eval.{field}={value!r}: {e.strerror or e} ({e.filename}). Fix the "
+                    f"path, or {MAKE_NETWORK[field]}.") from e
+  except UserError as e:
+    raise UserError(f"config.eval.{field}={value!r}: {e}") from e
 
 
 def reference_images(builder: tfds.core.DatasetBuilder, split: str, image_size: int) -> np.ndarray:
@@ -95,8 +115,22 @@ def load_or_compute_reference(path: epath.Path, network: Network,
   computed in memory when first needed, so the file never depends on config.eval.
   """
   if path.exists():
-    with path.open("rb") as f, np.load(f) as data:
-      return metrics.Reference(data)
+    try:
+      with path.open("rb") as f, np.load(f) as data:
+        reference = metrics.Reference(data)
+      if missing := {"mu", "sigma", "features"} - set(reference):
+        raise KeyError(f"it lacks {sorted(missing)}")
+      return reference
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+      aside = path.parent / (path.name + ".damaged")
+      try:
+        path.rename(aside)
+      except OSError as rename_error:
+        raise UserError(f"The reference statistics {path} cannot be read ({e}) nor moved aside "
+                        f"({rename_error}): delete the file, or set "
+                        "config.eval.reference_cache to a writable directory.") from e
+      logging.warning("The reference statistics %s cannot be read (%s): moved to %s; computing "
+                      "them again.", path, e, aside)
   tic = time.perf_counter()
   images = get_images()
   features = network.fn(images)[network.feature_key]
