@@ -71,8 +71,8 @@ def assert_trees_close(a, b, **tolerance):
 
 @pytest.mark.slow
 def test_process_and_device_layouts_train_alike_and_checkpoints_reshard(tmp_path):
-  layouts = {"2x2": (2, 2, []), "1x4": (1, 4, []), "1x1": (1, 1, []),
-             "1x4 fsdp2": (1, 4, ["--config.mesh.fsdp=2"])}
+  # (One process of 4 devices, data-parallel alone, is the 2x2 layout's mesh on one process.)
+  layouts = {"2x2": (2, 2, []), "1x1": (1, 1, []), "1x4 fsdp2": (1, 4, ["--config.mesh.fsdp=2"])}
   outputs = {}
   for name, (processes, devices, extra) in layouts.items():
     outputs[name] = launch(processes, devices, *tiny_flags(tmp_path, tmp_path / name), *extra)

@@ -320,6 +320,14 @@ CLI_CASES = {
     "sample_out": ("cfdg_jax.sample", ["--out={workdir}/no/such/g.png"],
                    "error: --out={workdir}/no/such/g.png: the directory {workdir}/no/such does "
                    "not exist; create it or write elsewhere."),
+    "sample_rescale": ("cfdg_jax.sample", ["--rescale=2"],
+                       "error: --rescale=2.0: Guidance option rescale = [2.0]: φ lies in [0, 1]"),
+    "sample_w": ("cfdg_jax.sample", ["--w", "1,x"],
+                 "error: --w takes comma-separated numbers, e.g. 0,1,3; got ['1', 'x']."),
+    "sample_guide_step": ("cfdg_jax.sample", ["--guide_step", "1"],
+                          "error: --guide_step needs --guide_workdir"),
+    "sample_no_workdir": ("cfdg_jax.sample", ["--workdir={workdir}/nowhere"],
+                          "error: No checkpoints: --workdir={workdir}/nowhere does not exist"),
     "fsdp": ("cfdg_jax.sample", ["--fsdp=3"],
              "error: --fsdp=3: use a divisor of the 2 devices"),
     "microbatches": ("cfdg_jax.train", ["--config.microbatches=5"],
@@ -333,10 +341,16 @@ CLI_CASES = {
 
 @pytest.fixture(scope="module")
 def cli_results(tmp_path_factory):
-  """{case: (workdir, snapshots before and after, CompletedProcess-like)}, all run at once."""
+  """{case: (workdir, snapshots before and after, CompletedProcess-like)}, run 6 at a time."""
   env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=2",
              TF_CPP_MIN_LOG_LEVEL="2")
-  runs = {}
+  runs, results = {}, {}
+
+  def finish(case):
+    workdir, before, process = runs.pop(case)
+    _, stderr = process.communicate(timeout=300)
+    results[case] = (workdir, before, _snapshot(workdir), process.returncode, stderr)
+
   for case, (module, args, _) in CLI_CASES.items():
     workdir = tmp_path_factory.mktemp(case) / "run"
     (workdir / "checkpoints" / "3").mkdir(parents=True)
@@ -348,14 +362,14 @@ def cli_results(tmp_path_factory):
     if not any(a.startswith("--workdir") for a in args) and module in (
         "cfdg_jax.train", "cfdg_jax.sample"):
       args.append(f"--workdir={workdir}")
+    if len(runs) == 6:  # Each holds ~1 GB (TensorFlow and JAX); the machine may have 24.
+      finish(next(iter(runs)))
     before = _snapshot(workdir)
-    process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    runs[case] = (workdir, before, process)
-  results = {}
-  for case, (workdir, before, process) in runs.items():
-    _, stderr = process.communicate(timeout=300)
-    results[case] = (workdir, before, _snapshot(workdir), process.returncode, stderr)
+    runs[case] = (workdir, before, subprocess.Popen(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True))
+  while runs:
+    finish(next(iter(runs)))
   return results
 
 
