@@ -179,5 +179,10 @@ def _config_path() -> str:
               sys.argv[sys.argv.index("--config") + 1] if "--config" in sys.argv else "config")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The `cfdg-aot` command (pyproject.toml)."""
   runtime.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -69,5 +69,10 @@ def main(argv):
                              fsdp=FLAGS.fsdp)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The `cfdg-evaluate` command (pyproject.toml)."""
   runtime.run(main)
+
+
+if __name__ == "__main__":
+  cli()

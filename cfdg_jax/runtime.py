@@ -96,6 +96,10 @@ def run(main: Callable[[list[str]], Any]) -> None:
   """`app.run(main)`, but a user's mistake (UserError, app.UsageError, a bad or unknown flag) or a
   JobError prints `error: <message>` last on stderr and exits with status 1; --traceback prints
   the traceback before it. Any other exception is a bug and keeps its traceback."""
+  if main.__module__ != "__main__":  # A console script (pyproject.toml), e.g. cfdg-train:
+    # --help and --helpshort then show that module's doc and flags, as `python -m` does.
+    sys.modules["__main__"].__doc__ = sys.modules[main.__module__].__doc__
+    sys.argv[0] = main.__module__
   app.run(functools.partial(_run_main, main), flags_parser=_parse_flags)
 
 

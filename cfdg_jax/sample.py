@@ -113,5 +113,10 @@ def main(argv):
       logging.info("Wrote %s (%d images).", FLAGS.npz, len(samples))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The `cfdg-sample` command (pyproject.toml)."""
   runtime.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -39,5 +39,10 @@ def main(argv):
                              hang_timeout_s=FLAGS.hang_timeout)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The `cfdg-train` command (pyproject.toml)."""
   runtime.run(main)
+
+
+if __name__ == "__main__":
+  cli()

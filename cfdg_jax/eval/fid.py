@@ -107,5 +107,10 @@ def main(argv):
   print(f"FID: {fid:.6f}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The `cfdg-fid` command (pyproject.toml)."""
   runtime.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -53,5 +53,10 @@ def main(argv):
   print(json.dumps(metadata, indent=2))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The `cfdg-train-classifier` command (pyproject.toml)."""
   runtime.run(main)
+
+
+if __name__ == "__main__":
+  cli()
