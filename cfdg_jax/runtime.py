@@ -1,6 +1,7 @@
 """Process start-up shared by the entry points: multi-process JAX, a quiet TensorFlow, and
 `run`, which ends a user's mistake in one line instead of a traceback."""
 import functools
+import logging as std_logging
 import math
 import os
 import re
@@ -67,8 +68,17 @@ def cpu_when_no_accelerator() -> None:
   jax.config.update("jax_platforms", "cpu")
 
 
+class _QuietOrbax(std_logging.Filter):
+  """Drops Orbax's INFO lines (~15 a checkpoint) unless --verbosity >= 1; warnings stay."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return (record.levelno >= std_logging.WARNING or logging.get_verbosity() >= 1
+            or f"{os.sep}orbax{os.sep}" not in record.pathname)
+
+
 def initialize() -> None:
   """Call first in main(): before anything touches a JAX device."""
+  logging.get_absl_handler().addFilter(_QuietOrbax())
   # tf.data only runs the input pipeline; keep TensorFlow off the accelerators JAX uses.
   tf.config.set_visible_devices([], "GPU")
   cpu_when_no_accelerator()
