@@ -77,7 +77,8 @@ class Watcher:
     read_end = self._pipe[0]
     while chunk := os.read(read_end, 64):
       for signum in chunk:
-        self._on_signal(signum)
+        if signum in self._previous:  # Any signal with a Python handler writes the fd.
+          self._on_signal(signum)
     os.close(read_end)
 
   def _on_signal(self, signum: int) -> None:

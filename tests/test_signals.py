@@ -1,5 +1,6 @@
 """Signals to one training process: Ctrl-C saves and stops, every time; a signal during start-up,
 or a second one, stops at once with one line; SIGTERM abandons a sample grid and saves first."""
+import os
 import re
 import signal
 import sys
@@ -7,6 +8,7 @@ import time
 
 import pytest
 
+from cfdg_jax import preemption
 from test_resume import Run, checkpoint_steps, train_flags
 
 TRAIN = [sys.executable, "-m", "cfdg_jax.train"]
@@ -71,3 +73,22 @@ def test_ctrl_c_saves_a_signal_in_start_up_or_a_second_one_stops_at_once_and_a_g
   run.process.send_signal(signal.SIGINT)
   assert_stopped_at_once(run, signal.SIGINT, "a second time")
   assert 8 in checkpoint_steps(workdir)
+
+
+def test_a_stop_request_is_seen_at_the_next_call_and_other_signals_are_none():
+  with preemption.Watcher() as watcher:
+    assert not watcher.reached()  # From here on a request saves instead of stopping.
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)  # Some library's handler.
+    try:
+      os.kill(os.getpid(), signal.SIGUSR1)
+      time.sleep(0.5)
+      assert not watcher.reached()
+    finally:
+      signal.signal(signal.SIGUSR1, previous)
+    os.kill(os.getpid(), signal.SIGINT)
+    deadline = time.monotonic() + 10
+    while not watcher.reached():
+      assert time.monotonic() < deadline
+      time.sleep(0.01)
+    assert watcher.signal == "SIGINT"
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
